@@ -1,0 +1,1 @@
+"""latentcast Python client."""

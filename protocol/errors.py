@@ -1,0 +1,83 @@
+"""Error codes of protocol v1 and the protocol's one exception tree.
+
+::
+
+    ProtocolError            a client message the protocol itself rejects
+     ├── BadFrame            not one MessagePack map with a string ``type`` (id is always nil)
+     ├── UnknownType         a ``type`` this protocol does not define
+     └── InvalidRequest      a field missing, unknown, of the wrong type or out of range
+
+Every exception carries what the server needs to answer with an ``error`` message: the
+error ``code``, a human-readable ``message``, the offending message's ``id`` when that
+was a string, and for :class:`InvalidRequest` the dotted ``field`` path.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """The ``code`` of an ``error`` message (PROTOCOL.md section 6)."""
+
+    BAD_FRAME = "bad_frame"
+    UNKNOWN_TYPE = "unknown_type"
+    INVALID_REQUEST = "invalid_request"
+    DUPLICATE_ID = "duplicate_id"
+    UNKNOWN_JOB = "unknown_job"
+    UNSUPPORTED = "unsupported"
+    BAD_IMAGE = "bad_image"
+    QUEUE_FULL = "queue_full"
+    TOO_MANY_JOBS = "too_many_jobs"
+    DRAINING = "draining"
+    GENERATION_FAILED = "generation_failed"
+    SHUTDOWN = "shutdown"
+    INTERNAL = "internal"
+
+
+#: Codes that count toward a connection's ``limits.max_bad_frames``.
+FRAME_ERROR_CODES = frozenset({ErrorCode.BAD_FRAME, ErrorCode.UNKNOWN_TYPE})
+
+
+class ProtocolError(Exception):
+    """A client message that the protocol rejects before any server logic sees it."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, *, id: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.id = id
+
+    @property
+    def field(self) -> str | None:
+        return None
+
+
+class BadFrame(ProtocolError):
+    """Not exactly one MessagePack map with string keys and a string ``type``."""
+
+    code = ErrorCode.BAD_FRAME
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, id=None)
+
+
+class UnknownType(ProtocolError):
+    """A well-formed map whose ``type`` this protocol does not define."""
+
+    code = ErrorCode.UNKNOWN_TYPE
+
+
+class InvalidRequest(ProtocolError):
+    """A known message with a field missing, unknown, mistyped or out of range."""
+
+    code = ErrorCode.INVALID_REQUEST
+
+    def __init__(self, message: str, *, field: str, id: str | None = None) -> None:
+        super().__init__(message, id=id)
+        self._field = field
+
+    @property
+    def field(self) -> str:
+        return self._field

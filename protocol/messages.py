@@ -1,0 +1,362 @@
+"""Message models of protocol v1 (PROTOCOL.md sections 2 to 4).
+
+Client messages (:class:`Submit`, :class:`Cancel`) are validated strictly: ints reject
+floats, booleans and strings; floats accept any number but booleans; unknown keys are
+rejected; nil means absent. Checks that depend on the server (limits, scheduler and LoRA
+names) read a :class:`SubmitRules` passed as the pydantic validation context; without
+one, only the server-independent rules apply (what a client can check before sending).
+
+Server messages ignore unknown keys, so that a client built on this package keeps
+working when a newer server adds fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from .limits import (
+    DEFAULT_OUTPUT_QUALITY,
+    JOB_ID_PATTERN,
+    MAX_GUIDANCE_SCALE,
+    MAX_LORA_SCALE,
+    MAX_SEED,
+    MIN_PREVIEW_SIDE,
+    MIN_SIDE,
+    SIDE_MULTIPLE,
+    Defaults,
+    Limits,
+)
+
+JobId = Annotated[str, Field(pattern=JOB_ID_PATTERN)]
+PreviewKind = Literal["none", "latent", "image"]
+PreviewFormat = Literal["jpeg", "webp"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+CancelReason = Literal["client", "replaced", "disconnect"]
+
+
+@dataclass(frozen=True)
+class SubmitRules:
+    """What a server checks a submit against beyond the fixed rules of the protocol."""
+
+    limits: Limits = field(default_factory=Limits)
+    schedulers: tuple[str, ...] = ()
+    loras: tuple[str, ...] = ()
+
+
+def _rules(info: ValidationInfo) -> SubmitRules | None:
+    context = info.context
+    return context if isinstance(context, SubmitRules) else None
+
+
+# --------------------------------------------------------------------------- client
+
+
+class _ClientModel(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nil_is_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
+
+class LoraRef(_ClientModel):
+    name: str
+    scale: float = Field(default=1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False)
+
+    @field_validator("name")
+    @classmethod
+    def _known_lora(cls, name: str, info: ValidationInfo) -> str:
+        rules = _rules(info)
+        if rules is not None and name not in rules.loras:
+            known = ", ".join(rules.loras) or "none"
+            raise ValueError(f"unknown LoRA {name!r} (this server has: {known})")
+        return name
+
+
+class GenerationParams(_ClientModel):
+    """``submit.params``. Optional values left ``None`` take the server's defaults."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = Field(default=None, ge=1)
+    guidance_scale: float | None = Field(
+        default=None, ge=0.0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False
+    )
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    scheduler: str | None = None
+    num_images: int = Field(default=1, ge=1)
+    init_image: bytes | None = None
+    strength: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    mask: bytes | None = None
+    loras: list[LoraRef] = Field(default_factory=list)
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _prompt_length(cls, text: str, info: ValidationInfo) -> str:
+        rules = _rules(info)
+        if rules is not None and len(text) > rules.limits.max_prompt_chars:
+            raise ValueError(
+                f"is {len(text)} characters; at most {rules.limits.max_prompt_chars} allowed"
+            )
+        return text
+
+    @field_validator("width", "height")
+    @classmethod
+    def _side(cls, side: int | None, info: ValidationInfo) -> int | None:
+        if side is None:
+            return None
+        rules = _rules(info)
+        if rules is not None:
+            limit = (
+                rules.limits.max_width if info.field_name == "width" else rules.limits.max_height
+            )
+        else:
+            limit = None
+        if side < MIN_SIDE or (limit is not None and side > limit):
+            upper = f" to {limit}" if limit is not None else " or more"
+            raise ValueError(f"must be {MIN_SIDE}{upper}, got {side}")
+        if side % SIDE_MULTIPLE:
+            raise ValueError(f"must be a multiple of {SIDE_MULTIPLE}, got {side}")
+        return side
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, steps: int | None, info: ValidationInfo) -> int | None:
+        rules = _rules(info)
+        if steps is not None and rules is not None and steps > rules.limits.max_steps:
+            raise ValueError(f"must be at most {rules.limits.max_steps}, got {steps}")
+        return steps
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, name: str | None, info: ValidationInfo) -> str | None:
+        rules = _rules(info)
+        if name is not None and rules is not None and name not in rules.schedulers:
+            raise ValueError(
+                f"unknown scheduler {name!r} (this server has: {', '.join(rules.schedulers)})"
+            )
+        return name
+
+    @field_validator("num_images")
+    @classmethod
+    def _num_images(cls, count: int, info: ValidationInfo) -> int:
+        rules = _rules(info)
+        if rules is not None and count > rules.limits.max_images:
+            raise ValueError(f"must be at most {rules.limits.max_images}, got {count}")
+        return count
+
+    @field_validator("strength", "mask")
+    @classmethod
+    def _needs_init_image(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.data.get("init_image") is None:
+            raise ValueError("is only allowed together with init_image")
+        return value
+
+
+class PreviewRequest(_ClientModel):
+    """``submit.preview``: which previews the client wants, and how often."""
+
+    kind: PreviewKind = "none"
+    every: int = Field(default=1, ge=1)
+    format: PreviewFormat = "jpeg"
+    max_side: int | None = Field(default=None, ge=MIN_PREVIEW_SIDE)
+
+
+class OutputRequest(_ClientModel):
+    """``submit.output``: how the finished images are encoded."""
+
+    format: OutputFormat = "png"
+    quality: int = Field(default=DEFAULT_OUTPUT_QUALITY, ge=1, le=100)
+
+
+class Submit(_ClientModel):
+    type: Literal["submit"] = "submit"
+    id: JobId
+    params: GenerationParams
+    preview: PreviewRequest = Field(default_factory=PreviewRequest)
+    output: OutputRequest = Field(default_factory=OutputRequest)
+    replaces: JobId | None = None
+
+    @field_validator("replaces")
+    @classmethod
+    def _not_itself(cls, replaces: str | None, info: ValidationInfo) -> str | None:
+        if replaces is not None and replaces == info.data.get("id"):
+            raise ValueError("must differ from id")
+        return replaces
+
+
+class Cancel(_ClientModel):
+    type: Literal["cancel"] = "cancel"
+    id: JobId
+
+
+ClientMessage = Submit | Cancel
+
+#: ``type`` value -> model, for the codec's dispatch.
+CLIENT_MESSAGE_TYPES: dict[str, type[Submit | Cancel]] = {
+    "submit": Submit,
+    "cancel": Cancel,
+}
+
+
+# --------------------------------------------------------------------------- server
+
+
+class _ServerModel(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class LatentRGBInfo(_ServerModel):
+    """Factors for ``v = sum_c latent[c] * factors[c][k] + bias[k]`` per channel k."""
+
+    factors: list[tuple[float, float, float]]
+    bias: tuple[float, float, float]
+
+
+class ModelInfo(_ServerModel):
+    name: str
+    family: str
+    modes: list[str]
+    schedulers: list[str]
+    loras: list[str]
+    latent_channels: int
+    vae_scale_factor: int
+    latent_rgb: LatentRGBInfo | None
+
+
+class Welcome(_ServerModel):
+    type: Literal["welcome"] = "welcome"
+    protocol: int
+    server: str
+    session: str
+    model: ModelInfo
+    limits: Limits
+    defaults: Defaults
+
+
+class Accepted(_ServerModel):
+    type: Literal["accepted"] = "accepted"
+    id: str
+    position: int
+
+
+class Queued(_ServerModel):
+    type: Literal["queued"] = "queued"
+    id: str
+    position: int
+
+
+class Started(_ServerModel):
+    type: Literal["started"] = "started"
+    id: str
+    seed: int
+    steps: int
+    width: int
+    height: int
+
+
+class Progress(_ServerModel):
+    type: Literal["progress"] = "progress"
+    id: str
+    step: int
+    steps: int
+    elapsed_ms: int
+
+
+class LatentPreview(_ServerModel):
+    type: Literal["preview"] = "preview"
+    kind: Literal["latent"] = "latent"
+    id: str
+    step: int
+    shape: tuple[int, int, int]
+    dtype: Literal["float16"] = "float16"
+    data: bytes
+
+
+class ImagePreview(_ServerModel):
+    type: Literal["preview"] = "preview"
+    kind: Literal["image"] = "image"
+    id: str
+    step: int
+    format: PreviewFormat
+    width: int
+    height: int
+    data: bytes
+
+
+class ImageResult(_ServerModel):
+    data: bytes
+    format: OutputFormat
+    width: int
+    height: int
+    seed: int
+
+
+class Timings(_ServerModel):
+    queued_ms: int
+    run_ms: int
+
+
+class Complete(_ServerModel):
+    type: Literal["complete"] = "complete"
+    id: str
+    images: list[ImageResult]
+    timings: Timings
+
+
+class Cancelled(_ServerModel):
+    type: Literal["cancelled"] = "cancelled"
+    id: str
+    step: int
+    reason: CancelReason
+
+
+class Error(_ServerModel):
+    type: Literal["error"] = "error"
+    id: str | None
+    code: str
+    message: str
+    field: str | None = Field(default=None, exclude_if=lambda value: value is None)
+
+
+class Draining(_ServerModel):
+    type: Literal["draining"] = "draining"
+    deadline_ms: int
+
+
+Preview = Annotated[LatentPreview | ImagePreview, Field(discriminator="kind")]
+
+ServerMessage = Annotated[
+    Welcome
+    | Accepted
+    | Queued
+    | Started
+    | Progress
+    | Preview
+    | Complete
+    | Cancelled
+    | Error
+    | Draining,
+    Field(discriminator="type"),
+]
+
+#: Server messages a slow reader may miss: only the newest per (job, type) matters.
+DROPPABLE_TYPES = frozenset({"queued", "progress", "preview"})
+
+#: Terminal messages: exactly one per accepted job, and nothing about the job after it.
+TERMINAL_TYPES = frozenset({"complete", "cancelled", "error"})

@@ -1,0 +1,90 @@
+"""The server's one typed, frozen configuration object.
+
+Everything a running server needs to know is resolved here, once: the command line and
+the ``LATENTCAST_*`` environment are turned into a :class:`ServerConfig` by ``cli.py``;
+tests build one directly. Nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from latentcast.protocol import Limits
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+#: Most a connection may have waiting to be sent before it counts as not reading.
+DEFAULT_MAX_PENDING_MESSAGES = 1024
+
+
+class ServerConfig(BaseModel):
+    """Options of ``latentcast serve`` (PROTOCOL.md section 9, plus a few of our own)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8765, ge=0, le=65535)
+    model: str = "tiny"
+    device: str = "auto"
+    dtype: Literal["float16", "bfloat16", "float32"] | None = None
+    cache_dir: Path | None = None
+    tokens: tuple[str, ...] = ()
+    allow_origins: tuple[str, ...] = ()
+    max_queue: int = Field(default=64, ge=1)
+    max_connections: int = Field(default=1000, ge=1)
+    drain_timeout: float = Field(default=30.0, ge=0)
+    send_timeout: float = Field(default=30.0, gt=0)
+    #: At most this long for each connection to take what is buffered before the 1001 close.
+    close_grace: float = Field(default=5.0, ge=0, le=5.0)
+    max_jobs_per_session: int = Field(default=8, ge=1)
+    max_width: int = Field(default=1024, ge=64)
+    max_height: int = Field(default=1024, ge=64)
+    max_steps: int = Field(default=150, ge=1)
+    max_images: int = Field(default=4, ge=1)
+    max_prompt_chars: int = Field(default=2000, ge=0)
+    max_message_bytes: int = Field(default=64 * 2**20, ge=64 * 2**10)
+    max_bad_frames: int = Field(default=16, ge=1)
+    max_pending_messages: int = Field(default=DEFAULT_MAX_PENDING_MESSAGES, ge=16)
+    log_level: LogLevel = "info"
+
+    @field_validator("tokens")
+    @classmethod
+    def _no_empty_tokens(cls, tokens: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not token for token in tokens):
+            raise ValueError("a token may not be empty")
+        return tokens
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins_are_urls(cls, origins: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in origins:
+            if "://" not in origin or origin.endswith("/"):
+                raise ValueError(
+                    f"allowed origin {origin!r} must look like scheme://host[:port], "
+                    "without a trailing slash"
+                )
+        return origins
+
+    def limits(self) -> Limits:
+        """The limits announced in ``welcome`` and enforced on every submit."""
+        return Limits(
+            max_width=self.max_width,
+            max_height=self.max_height,
+            max_steps=self.max_steps,
+            max_images=self.max_images,
+            max_prompt_chars=self.max_prompt_chars,
+            max_jobs_per_session=self.max_jobs_per_session,
+            max_message_bytes=self.max_message_bytes,
+            max_bad_frames=self.max_bad_frames,
+        )
+
+    def largest_result_bytes(self) -> int:
+        """A bound on the size of the largest ``complete`` this configuration can produce.
+
+        Encoded images of noise can be larger than their raw pixels (JPEG at quality 100
+        especially), so the bound allows twice the raw size plus the map's own overhead.
+        """
+        raw = self.max_width * self.max_height * 3
+        return self.max_images * (2 * raw + 1024) + 4096

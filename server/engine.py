@@ -1,0 +1,365 @@
+"""The engine: one owner of the model, one thread that runs it, one job at a time.
+
+Two halves, as in vLLM's engine core and its async front end:
+
+* :class:`Engine` runs on the engine thread only. :meth:`Engine.generate` turns a
+  :class:`GenerationRequest` into images, reporting each denoising step to a
+  :class:`StepListener` and stopping at the first step boundary after ``stop`` is set,
+  without running the VAE decode.
+* :class:`EngineWorker` is the asyncio side: it takes the next job from the scheduler,
+  runs it on the :class:`EngineThread`, turns step reports into messages for the job's
+  session (latest-wins, built lazily) and ends the job exactly once.
+
+The job interface stays narrow (a job in, per-step events out, a stop flag) so that the
+inside can move to step-level batching without touching sessions or the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+import torch
+from latentcast.protocol import (
+    Complete,
+    Error,
+    ErrorCode,
+    ImagePreview,
+    ImageResult,
+    LatentPreview,
+    OutputRequest,
+    Progress,
+    Started,
+    Timings,
+)
+from PIL import Image
+
+from .jobs import GenerationRequest, Job
+from .metrics import Metrics
+from .models import LatentRGB, LoadedModel
+from .previews import encode_image, rgb_preview
+from .scheduler import Scheduler, stopped_message
+
+logger = logging.getLogger("latentcast.engine")
+
+T = TypeVar("T")
+
+MAX_SEED_SPACE = 2**32
+
+
+class JobStopped(Exception):
+    """Raised inside the pipeline's step callback to leave the denoising loop early."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped after step {step}")
+        self.step = step
+
+
+class EngineThread:
+    """One daemon thread that runs whatever touches the model, in submission order.
+
+    A daemon, so that a process told to exit does not wait for a model still loading.
+    """
+
+    def __init__(self, name: str = "latentcast-engine") -> None:
+        self._calls: queue.SimpleQueue[
+            tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None
+        ] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._calls.put((partial(fn, *args, **kwargs), future))
+        return await asyncio.wrap_future(future)
+
+    def close(self) -> None:
+        self._calls.put(None)
+
+    def _serve(self) -> None:
+        while (item := self._calls.get()) is not None:
+            fn, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                future.set_exception(exc)
+
+
+class LatentSnapshot:
+    """A copy of the first image's latent after a step, taken on the engine thread.
+
+    On CUDA the copy goes to pinned memory without blocking the engine; whoever reads
+    it first waits for that copy only (an event), never for later steps.
+    """
+
+    def __init__(self, latents: torch.Tensor) -> None:
+        first = latents[0].detach()
+        self.shape: tuple[int, int, int] = tuple(first.shape)  # type: ignore[assignment]
+        self._ready: torch.cuda.Event | None = None
+        if first.is_cuda:
+            self._host = torch.empty(self.shape, dtype=torch.float16, pin_memory=True)
+            self._host.copy_(first, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = first.to(dtype=torch.float16, copy=True)
+
+    def array(self) -> np.ndarray:
+        """The latent as float16 [c, h, w] in host memory."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.numpy()
+
+    def fp16_bytes(self) -> bytes:
+        return self.array().astype("<f2", copy=False).tobytes()
+
+
+class StepListener(Protocol):
+    """What the engine reports while it runs a job; called on the engine thread."""
+
+    def started(self, steps: int) -> None: ...
+
+    def step(self, step: int, steps: int, latent: LatentSnapshot | None) -> None: ...
+
+
+class Engine:
+    """Owns the loaded pipeline. Every method here runs on the engine thread."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+
+    def count_steps(self, request: GenerationRequest) -> int:
+        """The denoising iterations ``request`` will really run (what ``progress`` counts)."""
+        scheduler = self.model.make_scheduler(request.scheduler)
+        scheduler.set_timesteps(request.steps)
+        return len(scheduler.timesteps)
+
+    def generate(
+        self, request: GenerationRequest, listener: StepListener, stop: threading.Event
+    ) -> list[Image.Image]:
+        """Run one job to its images. Raises JobStopped when ``stop`` is set."""
+        if stop.is_set():
+            raise JobStopped(0)
+        pipeline = self.model.pipeline
+        pipeline.scheduler = self.model.make_scheduler(request.scheduler)
+        steps = self.count_steps(request)
+        listener.started(steps)
+
+        def on_step_end(
+            pipe: Any, index: int, timestep: Any, tensors: dict[str, torch.Tensor]
+        ) -> dict[str, torch.Tensor]:
+            step = index + 1
+            latent = None
+            if request.wants_preview(step, steps):
+                latent = LatentSnapshot(tensors["latents"])
+            listener.step(step, steps, latent)
+            if stop.is_set() and step < steps:
+                raise JobStopped(step)
+            return {}
+
+        try:
+            output = pipeline(**self.pipeline_arguments(request), callback_on_step_end=on_step_end)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            raise
+        return list(output.images)
+
+    def pipeline_arguments(self, request: GenerationRequest) -> dict[str, Any]:
+        """The keyword arguments of the pipeline call for ``request``.
+
+        Public so that a test (and the benchmark) can call the pipeline directly with
+        exactly what the server uses, and compare the bytes.
+        """
+        return {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "width": request.width,
+            "height": request.height,
+            "num_inference_steps": request.steps,
+            "guidance_scale": request.guidance_scale,
+            "num_images_per_prompt": request.num_images,
+            # CPU generators: the same noise on every device, image k from seed + k.
+            "generator": [
+                torch.Generator(device="cpu").manual_seed((request.seed + k) % MAX_SEED_SPACE)
+                for k in range(request.num_images)
+            ],
+            "output_type": "pil",
+        }
+
+
+def encode_results(
+    images: list[Image.Image], output: OutputRequest, first_seed: int
+) -> list[ImageResult]:
+    """Encode finished images as the client asked (runs in the encoder pool)."""
+    return [
+        ImageResult(
+            data=encode_image(image, output.format, output.quality),
+            format=output.format,
+            width=image.width,
+            height=image.height,
+            seed=(first_seed + k) % MAX_SEED_SPACE,
+        )
+        for k, image in enumerate(images)
+    ]
+
+
+@dataclass
+class _JobReporter:
+    """A job's :class:`StepListener`: hands each report to the event loop."""
+
+    job: Job
+    loop: asyncio.AbstractEventLoop
+    metrics: Metrics
+    latent_rgb: LatentRGB | None
+    last_step_at: float = 0.0
+
+    def started(self, steps: int) -> None:
+        self.last_step_at = time.monotonic()
+        self.loop.call_soon_threadsafe(self._started, steps)
+
+    def step(self, step: int, steps: int, latent: LatentSnapshot | None) -> None:
+        now = time.monotonic()
+        self.metrics.step_seconds.observe(now - self.last_step_at)
+        self.last_step_at = now
+        self.loop.call_soon_threadsafe(self._step, step, steps, now, latent)
+
+    # On the event loop from here on.
+
+    def _started(self, steps: int) -> None:
+        job = self.job
+        job.steps = steps
+        if job.unfinished:
+            request = job.request
+            job.owner.send(
+                Started(
+                    id=job.id,
+                    seed=request.seed,
+                    steps=steps,
+                    width=request.width,
+                    height=request.height,
+                )
+            )
+
+    def _step(self, step: int, steps: int, at: float, latent: LatentSnapshot | None) -> None:
+        job = self.job
+        if not job.unfinished:
+            return
+        job.step = step
+        elapsed_ms = round((at - (job.started_at or at)) * 1000)
+        job.owner.send_latest(
+            (job.id, "progress"),
+            partial(Progress, id=job.id, step=step, steps=steps, elapsed_ms=elapsed_ms),
+        )
+        if latent is not None:
+            job.owner.send_latest((job.id, "preview"), partial(self._preview, step, latent))
+
+    def _preview(self, step: int, latent: LatentSnapshot) -> LatentPreview | ImagePreview:
+        """Built by the session's writer when it is about to send (never if replaced)."""
+        preview = self.job.request.preview
+        if preview.kind == "latent" or self.latent_rgb is None:
+            return LatentPreview(
+                id=self.job.id, step=step, shape=latent.shape, data=latent.fp16_bytes()
+            )
+        data, width, height = rgb_preview(
+            latent.array().astype(np.float32), self.latent_rgb, preview.format, preview.max_side
+        )
+        return ImagePreview(
+            id=self.job.id, step=step, format=preview.format, width=width, height=height, data=data
+        )
+
+
+class EngineWorker:
+    """The engine loop: next job from the scheduler, run it, end it; forever."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        thread: EngineThread,
+        scheduler: Scheduler,
+        encoder: Executor,
+        metrics: Metrics,
+    ) -> None:
+        self._engine = engine
+        self._thread = thread
+        self._scheduler = scheduler
+        self._encoder = encoder
+        self._metrics = metrics
+        self._finishing: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        while True:
+            job = await self._scheduler.next_job()
+            self._metrics.jobs_running.set(1)
+            try:
+                await self._run(job)
+            finally:
+                self._metrics.jobs_running.set(0)
+
+    async def _run(self, job: Job) -> None:
+        if not job.unfinished:
+            return
+        logger.info("session=%s job=%s started", job.session_id, job.id)
+        reporter = _JobReporter(
+            job, asyncio.get_running_loop(), self._metrics, self._engine.model.family.latent_rgb
+        )
+        try:
+            images = await self._thread.call(
+                self._engine.generate, job.request, reporter, job.stop_requested
+            )
+        except JobStopped as stopped:
+            job.step = stopped.step
+            job.end(stopped_message(job))
+            return
+        except Exception as exc:
+            logger.exception("session=%s job=%s failed", job.session_id, job.id)
+            job.end(
+                Error(
+                    id=job.id, code=ErrorCode.GENERATION_FAILED, message=f"generation failed: {exc}"
+                )
+            )
+            return
+        # Encoding runs beside the next job, so the engine never waits for it.
+        task = asyncio.create_task(self._complete(job, images), name=f"complete-{job.id}")
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def _complete(self, job: Job, images: list[Image.Image]) -> None:
+        loop = asyncio.get_running_loop()
+        request = job.request
+        try:
+            results = await loop.run_in_executor(
+                self._encoder, encode_results, images, request.output, request.seed
+            )
+        except Exception as exc:
+            logger.exception("session=%s job=%s: encoding failed", job.session_id, job.id)
+            job.end(
+                Error(
+                    id=job.id, code=ErrorCode.GENERATION_FAILED, message=f"encoding failed: {exc}"
+                )
+            )
+            return
+        now = time.monotonic()
+        started_at = job.started_at or now
+        self._metrics.job_seconds.observe(now - started_at)
+        job.end(
+            Complete(
+                id=job.id,
+                images=results,
+                timings=Timings(
+                    queued_ms=round((started_at - job.accepted_at) * 1000),
+                    run_ms=round((now - started_at) * 1000),
+                ),
+            )
+        )

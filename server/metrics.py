@@ -1,0 +1,68 @@
+"""Prometheus metrics of one server instance (served at GET /metrics).
+
+Each :class:`Metrics` has its own registry, so several servers in one process (tests)
+never share counters, and nothing lives at module level.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Job outcomes, the label values of ``latentcast_jobs_total``.
+OUTCOMES = ("complete", "cancelled", "failed", "shutdown", "rejected")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.connections = Gauge(
+            "latentcast_connections", "Open WebSocket sessions.", registry=self.registry
+        )
+        self.queue_depth = Gauge(
+            "latentcast_queue_depth", "Jobs waiting for the engine.", registry=self.registry
+        )
+        self.jobs_running = Gauge(
+            "latentcast_jobs_running", "Jobs on the engine now.", registry=self.registry
+        )
+        self.jobs = Counter(
+            "latentcast_jobs",
+            "Jobs by outcome (rejected: submits answered with an error).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in OUTCOMES:
+            self.jobs.labels(outcome=outcome)
+        self.step_seconds = Histogram(
+            "latentcast_step_seconds",
+            "Wall time of one denoising step.",
+            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+            registry=self.registry,
+        )
+        self.job_seconds = Histogram(
+            "latentcast_job_seconds",
+            "Wall time from started to the job's end.",
+            buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+            registry=self.registry,
+        )
+        self.queue_seconds = Histogram(
+            "latentcast_queue_seconds",
+            "Wall time from accepted to started.",
+            buckets=(0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0),
+            registry=self.registry,
+        )
+        self.bad_frames = Counter(
+            "latentcast_bad_frames",
+            "Client frames answered with bad_frame or unknown_type.",
+            registry=self.registry,
+        )
+        self.slow_disconnects = Counter(
+            "latentcast_slow_client_disconnects",
+            "Sessions closed because they did not read within the send timeout.",
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

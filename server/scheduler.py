@@ -1,0 +1,282 @@
+"""Which waiting job the engine takes next, and every job's place in line.
+
+:class:`FairQueue` is the pure, synchronous state (unit-tested on its own): the next job
+to start is the oldest waiting job of the session that has gone longest without a job of
+its own starting, a session that never had one started going first (PROTOCOL.md section
+5.6). From that rule the whole future start order follows: sessions sorted by when they
+last had a job started (never first, ties by their oldest waiting job), then taken round
+robin, one job each, FIFO within a session.
+
+:class:`Scheduler` is the asyncio face of it: jobs go in, the engine awaits
+:meth:`Scheduler.next_job`, cancels of waiting jobs take effect at once, and positions are
+told to clients whenever they change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Generic, TypeVar
+
+from latentcast.protocol import Cancelled, Error, ErrorCode, Queued
+
+from .jobs import Job, JobState, StopReason
+from .metrics import Metrics
+
+logger = logging.getLogger("latentcast.scheduler")
+
+T = TypeVar("T", bound=Hashable)
+
+
+@dataclass
+class _Lane(Generic[T]):
+    """One session's waiting items, oldest first, as (age, item)."""
+
+    items: deque[tuple[int, T]] = field(default_factory=deque)
+    #: Tick of the last start of one of this session's items; None: never.
+    last_start: int | None = None
+
+    def sort_key(self) -> tuple[int, int]:
+        # Never-started sessions first (-1 sorts before every tick), then the oldest item.
+        return (-1 if self.last_start is None else self.last_start, self.items[0][0])
+
+
+class FairQueue(Generic[T]):
+    """Waiting items grouped by session, in fair start order. No I/O, no clock."""
+
+    def __init__(self) -> None:
+        self._lanes: dict[Hashable, _Lane[T]] = {}
+        self._where: dict[T, Hashable] = {}
+        self._ages = itertools.count()
+        self._ticks = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._where
+
+    def push(self, item: T, session: Hashable, *, age: int | None = None) -> int:
+        """Add ``item`` for ``session``; ``age`` places it as if it had come then.
+
+        Returns the age it was given.
+        """
+        if item in self._where:
+            raise ValueError(f"{item!r} is already waiting")
+        if age is None:
+            age = next(self._ages)
+        lane = self._lanes.setdefault(session, _Lane())
+        # Keep each lane sorted by age; an inherited age is older than most, so the
+        # insertion point is searched from the left.
+        index = len(lane.items)
+        while index > 0 and lane.items[index - 1][0] > age:
+            index -= 1
+        lane.items.insert(index, (age, item))
+        self._where[item] = session
+        return age
+
+    def age_of(self, item: T) -> int:
+        for age, waiting in self._lanes[self._where[item]].items:
+            if waiting == item:
+                return age
+        raise KeyError(item)
+
+    def remove(self, item: T) -> bool:
+        """Take ``item`` out of the queue; False when it was not waiting."""
+        session = self._where.pop(item, None)
+        if session is None:
+            return False
+        lane = self._lanes[session]
+        for entry in lane.items:
+            if entry[1] == item:
+                lane.items.remove(entry)
+                break
+        return True
+
+    def pop(self) -> T | None:
+        """The next item to start, removed; None when nothing waits."""
+        lanes = [lane for lane in self._lanes.values() if lane.items]
+        if not lanes:
+            return None
+        lane = min(lanes, key=_Lane.sort_key)
+        _, item = lane.items.popleft()
+        lane.last_start = next(self._ticks)
+        del self._where[item]
+        return item
+
+    def order(self) -> list[T]:
+        """Every waiting item in the order they will start if nothing else arrives."""
+        lanes = sorted((lane for lane in self._lanes.values() if lane.items), key=_Lane.sort_key)
+        return list(_round_robin([lane.items for lane in lanes]))
+
+    def forget(self, session: Hashable) -> None:
+        """Drop a session's fairness history once it has nothing waiting and has gone."""
+        lane = self._lanes.get(session)
+        if lane is not None and not lane.items:
+            del self._lanes[session]
+
+
+def _round_robin(lanes: list[deque[tuple[int, T]]]) -> Iterator[T]:
+    iterators = [iter(lane) for lane in lanes]
+    while iterators:
+        still = []
+        for iterator in iterators:
+            entry = next(iterator, None)
+            if entry is not None:
+                yield entry[1]
+                still.append(iterator)
+        iterators = still
+
+
+class Scheduler:
+    """The waiting queue of one engine, with cancel, replace and position updates."""
+
+    def __init__(self, *, max_queue: int, metrics: Metrics) -> None:
+        self.max_queue = max_queue
+        self._metrics = metrics
+        self._queue: FairQueue[Job] = FairQueue()
+        self._wakeup = asyncio.Event()
+        self._unfinished: set[Job] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    @property
+    def unfinished(self) -> frozenset[Job]:
+        return frozenset(self._unfinished)
+
+    def has_room(self, *, replacing: Job | None = None) -> bool:
+        """Whether one more job fits (a waiting job about to be replaced does not count)."""
+        waiting = self.waiting
+        if replacing is not None and replacing in self._queue:
+            waiting -= 1
+        return waiting < self.max_queue
+
+    async def wait_idle(self) -> None:
+        """Until no accepted job is unfinished."""
+        await self._idle.wait()
+
+    # ------------------------------------------------------------------ commands
+
+    def submit(self, job: Job, *, replacing: Job | None = None) -> int:
+        """Queue ``job`` and return its position. ``replacing`` is stopped in the same move.
+
+        A waiting job that is replaced gives the new job its place in line and ends at
+        once with ``cancelled{reason:"replaced"}``; a running one stops at its next step.
+        """
+        age = None
+        if replacing is not None and replacing.unfinished:
+            if replacing in self._queue:
+                age = self._queue.age_of(replacing)
+            self._stop(replacing, StopReason.REPLACED)
+        job.seq = self._queue.push(job, job.session_id, age=age)
+        self._track(job)
+        order = self._queue.order()
+        job.position = order.index(job)
+        self._publish(order)
+        self._wakeup.set()
+        return job.position
+
+    def stop(self, job: Job, reason: StopReason) -> None:
+        """Stop a job: a waiting one ends now, a running one at its next step boundary.
+
+        The first reason given stands; only the drain deadline (``SHUTDOWN``) also ends a
+        running job at once, since the client must hear before the connection closes.
+        """
+        if self._stop(job, reason):
+            self._publish(self._queue.order())
+
+    def _stop(self, job: Job, reason: StopReason) -> bool:
+        """:meth:`stop` without telling positions; True when the queue changed."""
+        if not job.unfinished:
+            return False
+        job.request_stop(reason)
+        if job in self._queue:
+            self._queue.remove(job)
+            job.end(stopped_message(job))
+            return True
+        if reason is StopReason.SHUTDOWN:
+            # The engine stops at its next step and its result is dropped: the job ended.
+            job.end(shutdown_error(job))
+        return False
+
+    def shutdown(self) -> None:
+        """The drain deadline: every unfinished job ends now with ``error{shutdown}``."""
+        for job in sorted(self._unfinished, key=lambda job: job.seq):
+            self.stop(job, StopReason.SHUTDOWN)
+
+    def forget_session(self, session_id: str) -> None:
+        self._queue.forget(session_id)
+
+    async def next_job(self) -> Job:
+        """The next job to run, marked RUNNING. Waits while nothing waits."""
+        while True:
+            job = self._queue.pop()
+            if job is not None:
+                job.state = JobState.RUNNING
+                job.started_at = time.monotonic()
+                self._metrics.queue_seconds.observe(job.started_at - job.accepted_at)
+                self._publish(self._queue.order())
+                return job
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    # ------------------------------------------------------------------ internals
+
+    def _track(self, job: Job) -> None:
+        self._unfinished.add(job)
+        self._idle.clear()
+        job.on_end(self._forget_job)
+
+    def _forget_job(self, job: Job) -> None:
+        self._metrics.jobs.labels(outcome=_OUTCOME_LABELS.get(job.outcome or "", "failed")).inc()
+        self._unfinished.discard(job)
+        if not self._unfinished:
+            self._idle.set()
+
+    def _publish(self, order: list[Job]) -> None:
+        """Tell every waiting job whose position changed (coalesced by the session)."""
+        self._metrics.queue_depth.set(len(order))
+        for position, job in enumerate(order):
+            if job.position != position:
+                job.position = position
+                job.owner.send_latest(
+                    (job.id, "queued"), partial(Queued, id=job.id, position=position)
+                )
+
+
+_OUTCOME_LABELS = {
+    "complete": "complete",
+    "cancelled": "cancelled",
+    ErrorCode.SHUTDOWN.value: "shutdown",
+}
+
+
+def stopped_message(job: Job) -> Cancelled | Error:
+    """The terminal message of a job stopped before it finished, from its stop reason.
+
+    ``step`` is the last step the job completed (0 when it never ran).
+    """
+    reason = job.stop_reason
+    if reason is StopReason.SHUTDOWN or reason is None:
+        return shutdown_error(job)
+    return Cancelled(id=job.id, step=job.step, reason=reason.value)
+
+
+def shutdown_error(job: Job) -> Error:
+    return Error(
+        id=job.id,
+        code=ErrorCode.SHUTDOWN,
+        message="the server stopped before the job could finish",
+    )

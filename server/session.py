@@ -1,0 +1,295 @@
+"""One WebSocket connection: decode what the client sends, answer, stream its jobs.
+
+A session owns its unfinished jobs (by the client's ids), its outbound buffer and two
+tasks: the reader (this coroutine's own) and the writer. Everything the session does to
+jobs goes through the scheduler; everything it says goes through the buffer, so the
+engine and other sessions never wait for this client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+from latentcast.protocol import (
+    FRAME_ERROR_CODES,
+    PROTOCOL_VERSION,
+    Accepted,
+    Cancel,
+    Defaults,
+    Error,
+    ErrorCode,
+    ModelInfo,
+    ProtocolError,
+    Submit,
+    SubmitRules,
+    Welcome,
+    decode_client_message,
+    encode_message,
+)
+from pydantic import BaseModel
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+
+from .config import ServerConfig
+from .jobs import GenerationRequest, Job, StopReason
+from .metrics import Metrics
+from .outbound import BufferClosed, OutboundBuffer
+from .scheduler import Scheduler
+
+logger = logging.getLogger("latentcast.session")
+
+MAX_SEED_SPACE = 2**32
+
+
+@dataclass(frozen=True)
+class SessionContext:
+    """What every session shares: built once by the server when the model is loaded."""
+
+    config: ServerConfig
+    server_name: str
+    rules: SubmitRules
+    defaults: Defaults
+    model: ModelInfo
+    scheduler: Scheduler
+    metrics: Metrics
+    is_draining: Callable[[], bool]
+
+
+class Session:
+    def __init__(self, connection: ServerConnection, context: SessionContext) -> None:
+        self.id = secrets.token_hex(6)
+        self.connection = connection
+        self.context = context
+        self.jobs: dict[str, Job] = {}
+        self.buffer = OutboundBuffer()
+        self._bad_frames = 0
+        self._closing = False
+
+    @property
+    def session_id(self) -> str:
+        return self.id
+
+    # ------------------------------------------------------------------ JobOwner
+
+    def send(self, message: BaseModel) -> None:
+        self.buffer.put(message)
+
+    def send_latest(self, key: Hashable, build: Callable[[], BaseModel]) -> None:
+        self.buffer.put_latest(key, build)
+
+    def job_ended(self, job: Job) -> None:
+        if self.jobs.get(job.id) is job:
+            del self.jobs[job.id]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Serve the connection until it closes; then cancel what is left of its jobs."""
+        peer = self.connection.remote_address
+        logger.info("session=%s connected from %s", self.id, peer)
+        self.send(
+            Welcome(
+                protocol=PROTOCOL_VERSION,
+                server=self.context.server_name,
+                session=self.id,
+                model=self.context.model,
+                limits=self.context.rules.limits,
+                defaults=self.context.defaults,
+            )
+        )
+        writer = asyncio.create_task(self._write(), name=f"writer-{self.id}")
+        try:
+            await self._read()
+        finally:
+            self._disconnect()
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            logger.info("session=%s closed (code %s)", self.id, self.connection.close_code)
+
+    async def close(self, code: int, reason: str, *, flush_timeout: float = 0.0) -> None:
+        """Close the connection, first giving the client up to ``flush_timeout`` to read."""
+        if self._closing:
+            return
+        self._closing = True
+        if flush_timeout > 0:
+            try:
+                async with asyncio.timeout(flush_timeout):
+                    await self.buffer.wait_empty()
+            except TimeoutError:
+                logger.info("session=%s did not read its last messages in time", self.id)
+        await self.connection.close(code, reason)
+
+    def stalled(self) -> bool:
+        """True when a message that must not be dropped has waited past the send timeout."""
+        return self.buffer.oldest_unsent_age() > self.context.config.send_timeout
+
+    async def close_stalled(self) -> None:
+        logger.warning(
+            "session=%s has not read for %.0f s: disconnecting",
+            self.id,
+            self.context.config.send_timeout,
+        )
+        self.context.metrics.slow_disconnects.inc()
+        self._disconnect()
+        await self.close(CloseCode.POLICY_VIOLATION, "send timeout: the client is not reading")
+
+    # ------------------------------------------------------------------ reading
+
+    async def _read(self) -> None:
+        config = self.context.config
+        try:
+            async for frame in self.connection:
+                self._handle(frame)
+                if self._bad_frames >= config.max_bad_frames:
+                    logger.warning(
+                        "session=%s sent %d bad frames: closing", self.id, self._bad_frames
+                    )
+                    await self.close(
+                        CloseCode.POLICY_VIOLATION,
+                        "too many bad frames",
+                        flush_timeout=config.send_timeout,
+                    )
+                    return
+                # Backpressure: a client that sends without reading waits here, and the
+                # send timeout ends it if it never reads.
+                while self.buffer.reliable_backlog >= config.max_pending_messages:
+                    await asyncio.sleep(0.05)
+                    if self.buffer.closed:
+                        return
+        except ConnectionClosed:
+            pass
+
+    def _handle(self, frame: bytes | str) -> None:
+        try:
+            message = decode_client_message(frame, self.context.rules)
+        except ProtocolError as exc:
+            if exc.code in FRAME_ERROR_CODES:
+                self._bad_frames += 1
+                self.context.metrics.bad_frames.inc()
+            logger.info(
+                "session=%s job=%s rejected: %s (%s)", self.id, exc.id, exc.code, exc.message
+            )
+            self.send(Error(id=exc.id, code=exc.code, message=exc.message, field=exc.field))
+            return
+        if isinstance(message, Submit):
+            self._submit(message)
+        elif isinstance(message, Cancel):
+            self._cancel(message)
+
+    def _reject(self, submit: Submit, code: ErrorCode, message: str) -> None:
+        logger.info("session=%s job=%s rejected: %s (%s)", self.id, submit.id, code, message)
+        self.context.metrics.jobs.labels(outcome="rejected").inc()
+        self.send(Error(id=submit.id, code=code, message=message))
+
+    def _submit(self, submit: Submit) -> None:
+        """Checks in the order of PROTOCOL.md section 3, then queue and answer."""
+        context = self.context
+        scheduler = context.scheduler
+        params = submit.params
+        if context.is_draining():
+            return self._reject(submit, ErrorCode.DRAINING, "the server is shutting down")
+        if submit.id in self.jobs:
+            return self._reject(
+                submit, ErrorCode.DUPLICATE_ID, f"job {submit.id!r} is still unfinished"
+            )
+        unsupported = self._unsupported(submit)
+        if unsupported is not None:
+            return self._reject(submit, ErrorCode.UNSUPPORTED, unsupported)
+        replacing = self.jobs.get(submit.replaces) if submit.replaces is not None else None
+        active = len(self.jobs) - (1 if replacing is not None else 0)
+        if active >= context.rules.limits.max_jobs_per_session:
+            return self._reject(
+                submit,
+                ErrorCode.TOO_MANY_JOBS,
+                f"this session already has {active} unfinished jobs "
+                f"(limit {context.rules.limits.max_jobs_per_session})",
+            )
+        if not scheduler.has_room(replacing=replacing):
+            return self._reject(
+                submit, ErrorCode.QUEUE_FULL, f"the queue holds {scheduler.max_queue} jobs"
+            )
+        defaults = context.defaults
+        request = GenerationRequest(
+            prompt=params.prompt,
+            negative_prompt=params.negative_prompt,
+            width=params.width or defaults.width,
+            height=params.height or defaults.height,
+            steps=params.steps or defaults.steps,
+            guidance_scale=(
+                params.guidance_scale
+                if params.guidance_scale is not None
+                else defaults.guidance_scale
+            ),
+            seed=params.seed if params.seed is not None else secrets.randbelow(MAX_SEED_SPACE),
+            scheduler=params.scheduler or defaults.scheduler,
+            num_images=params.num_images,
+            preview=submit.preview,
+            output=submit.output,
+        )
+        job = Job(id=submit.id, owner=self, request=request)
+        self.jobs[job.id] = job
+        position = scheduler.submit(job, replacing=replacing)
+        logger.info(
+            "session=%s job=%s accepted at position %d%s",
+            self.id,
+            job.id,
+            position,
+            f" replacing {submit.replaces}" if submit.replaces else "",
+        )
+        self.send(Accepted(id=job.id, position=position))
+        return None
+
+    def _unsupported(self, submit: Submit) -> str | None:
+        modes = self.context.model.modes
+        params = submit.params
+        if params.init_image is not None:
+            mode = "inpaint" if params.mask is not None else "img2img"
+            if mode not in modes:
+                return f"{mode} is not available with this model (modes: {', '.join(modes)})"
+        if submit.preview.kind == "image" and self.context.model.latent_rgb is None:
+            return "image previews are not available for this model; ask for latent previews"
+        return None
+
+    def _cancel(self, cancel: Cancel) -> None:
+        job = self.jobs.get(cancel.id)
+        if job is None:
+            self.send(
+                Error(
+                    id=cancel.id,
+                    code=ErrorCode.UNKNOWN_JOB,
+                    message=f"no unfinished job {cancel.id!r} in this session",
+                )
+            )
+            return
+        logger.info("session=%s job=%s cancel requested", self.id, job.id)
+        self.context.scheduler.stop(job, StopReason.CLIENT)
+
+    # ------------------------------------------------------------------ writing
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                entry = await self.buffer.get()
+                try:
+                    message = entry.build()
+                except Exception:
+                    logger.exception("session=%s: could not build a message", self.id)
+                    self.buffer.sent(entry)
+                    continue
+                await self.connection.send(encode_message(message))
+                self.buffer.sent(entry)
+        except (BufferClosed, ConnectionClosed):
+            return
+
+    def _disconnect(self) -> None:
+        """The client is gone (or being sent away): cancel its jobs, stop buffering."""
+        self.buffer.close()
+        scheduler = self.context.scheduler
+        for job in list(self.jobs.values()):
+            scheduler.stop(job, StopReason.DISCONNECT)
+        scheduler.forget_session(self.id)

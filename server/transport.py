@@ -1,0 +1,134 @@
+"""What happens before a WebSocket exists: HTTP endpoints and the handshake's checks.
+
+``process_request`` of the websockets server lands here for every HTTP request on the
+port. It answers GET /health, /ready, /metrics and / itself, and for /v1/ws runs the
+checks of PROTOCOL.md section 1 in order: 401 (token), 403 (origin), 503 (loading,
+draining or at the connection limit). Returning None lets the upgrade go ahead.
+"""
+
+from __future__ import annotations
+
+import hmac
+import http
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from .config import ServerConfig
+from .metrics import CONTENT_TYPE, Metrics
+
+logger = logging.getLogger("latentcast.transport")
+
+WS_PATH = "/v1/ws"
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """What the HTTP side needs to know about the server, read at each request."""
+
+    ready: bool
+    reason: str | None  # "loading" | "draining" when not ready
+    at_connection_limit: bool
+
+
+class HttpFront:
+    def __init__(
+        self, config: ServerConfig, metrics: Metrics, status: Callable[[], ServerStatus]
+    ) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._status = status
+        self._tokens = tuple(token.encode() for token in config.tokens)
+
+    def __call__(self, connection: ServerConnection, request: Request) -> Response | None:
+        url = urlsplit(request.path)
+        path = url.path
+        if path == WS_PATH:
+            return self._handshake(request, url.query)
+        if path == "/health":
+            return _json(http.HTTPStatus.OK, {"status": "ok"})
+        if path == "/ready":
+            status = self._status()
+            if status.ready:
+                return _json(http.HTTPStatus.OK, {"ready": True})
+            return _json(
+                http.HTTPStatus.SERVICE_UNAVAILABLE, {"ready": False, "reason": status.reason}
+            )
+        if path == "/metrics":
+            if not self._authorized(request, url.query):
+                return _unauthorized()
+            return _response(http.HTTPStatus.OK, CONTENT_TYPE, self._metrics.render())
+        if path in ("/", "/index.html"):
+            page = resources.files("latentcast.server").joinpath("static/index.html").read_bytes()
+            return _response(http.HTTPStatus.OK, "text/html; charset=utf-8", page)
+        return _response(http.HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found\n")
+
+    def _handshake(self, request: Request, query: str) -> Response | None:
+        if not self._authorized(request, query):
+            logger.info("handshake refused: missing or wrong token")
+            return _unauthorized()
+        origin = request.headers.get("Origin")
+        allowed = self._config.allow_origins
+        if allowed and origin is not None and origin not in allowed:
+            logger.info("handshake refused: origin %r is not allowed", origin)
+            return _response(
+                http.HTTPStatus.FORBIDDEN, "text/plain; charset=utf-8", b"origin not allowed\n"
+            )
+        status = self._status()
+        if not status.ready or status.at_connection_limit:
+            reason = status.reason or "the connection limit is reached"
+            return _response(
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                "text/plain; charset=utf-8",
+                f"unavailable: {reason}\n".encode(),
+                retry_after=True,
+            )
+        return None
+
+    def _authorized(self, request: Request, query: str) -> bool:
+        if not self._tokens:
+            return True
+        presented: list[bytes] = []
+        header = request.headers.get("Authorization")
+        if header is not None:
+            scheme, _, credentials = header.partition(" ")
+            if scheme.lower() == "bearer":
+                presented.append(credentials.strip().encode())
+        presented.extend(value.encode() for value in parse_qs(query).get("token", []))
+        # Compare against every configured token, without stopping early.
+        matched = False
+        for candidate in presented:
+            for token in self._tokens:
+                matched |= hmac.compare_digest(candidate, token)
+        return matched
+
+
+def _response(
+    status: http.HTTPStatus, content_type: str, body: bytes, *, retry_after: bool = False
+) -> Response:
+    headers = Headers()
+    headers["Content-Type"] = content_type
+    headers["Content-Length"] = str(len(body))
+    headers["Cache-Control"] = "no-store"
+    if retry_after:
+        headers["Retry-After"] = "1"
+    if status == http.HTTPStatus.UNAUTHORIZED:
+        headers["WWW-Authenticate"] = 'Bearer realm="latentcast"'
+    return Response(status.value, status.phrase, headers, body)
+
+
+def _json(status: http.HTTPStatus, payload: object) -> Response:
+    return _response(status, "application/json", json.dumps(payload).encode())
+
+
+def _unauthorized() -> Response:
+    return _response(
+        http.HTTPStatus.UNAUTHORIZED, "text/plain; charset=utf-8", b"missing or wrong token\n"
+    )
