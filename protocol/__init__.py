@@ -12,6 +12,7 @@ from .codec import (
 )
 from .errors import (
     FRAME_ERROR_CODES,
+    TERMINAL_ERROR_CODES,
     BadFrame,
     ErrorCode,
     InvalidRequest,
@@ -53,6 +54,7 @@ __all__ = [
     "DROPPABLE_TYPES",
     "FRAME_ERROR_CODES",
     "PROTOCOL_VERSION",
+    "TERMINAL_ERROR_CODES",
     "TERMINAL_TYPES",
     "Accepted",
     "BadFrame",

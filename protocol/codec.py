@@ -67,6 +67,9 @@ def _check_keys(value: Any, depth: int) -> None:
     elif isinstance(value, list):
         for item in value:
             _check_keys(item, depth + 1)
+    elif isinstance(value, msgpack.Timestamp):
+        # msgpack decodes extension type -1 itself, without calling ext_hook.
+        raise BadFrame("MessagePack extension types are not used (extension type -1)")
 
 
 def _wire_type(value: Any) -> str:

@@ -35,6 +35,13 @@ class ErrorCode(StrEnum):
     INTERNAL = "internal"
 
 
+#: Codes of an ``error`` that ends an accepted job (its terminal message). Every other code
+#: answers a client message: an ``error{code:"duplicate_id", id:"a"}`` says that a new
+#: submit was refused, not that the unfinished job "a" ended.
+TERMINAL_ERROR_CODES = frozenset(
+    {ErrorCode.GENERATION_FAILED, ErrorCode.SHUTDOWN, ErrorCode.INTERNAL}
+)
+
 #: Codes that count toward a connection's ``limits.max_bad_frames``.
 FRAME_ERROR_CODES = frozenset({ErrorCode.BAD_FRAME, ErrorCode.UNKNOWN_TYPE})
 

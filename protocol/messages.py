@@ -68,7 +68,12 @@ class _ClientModel(BaseModel):
     @classmethod
     def _nil_is_absent(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
+            # Only known fields: an unknown key is rejected even when its value is nil.
+            return {
+                key: value
+                for key, value in data.items()
+                if value is not None or key not in cls.model_fields
+            }
         return data
 
 

@@ -150,14 +150,26 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerC
     return ServerConfig.model_validate(values)
 
 
+def _quiet_libraries() -> None:
+    """No download/loading progress bars from diffusers and transformers in server logs."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         config = config_from(args, os.environ)
     except ValidationError as exc:
+        flags = {option.dest: option.flag for option in SERVE_OPTIONS}
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
+            f"{flags.get(str(error['loc'][0]), '.'.join(str(p) for p in error['loc']))}: "
+            f"{error['msg']}"
+            for error in exc.errors()
         )
         parser.error(f"invalid configuration: {problems}")
     logging.basicConfig(
@@ -166,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
     logging.getLogger("websockets").setLevel(logging.WARNING)
+    _quiet_libraries()
     from .app import run  # imports torch: after argument errors are reported
 
     return asyncio.run(run(config))

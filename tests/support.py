@@ -7,15 +7,14 @@ integration tests see exactly what the server sends.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-from pydantic import BaseModel
-from websockets.asyncio.client import ClientConnection, connect
-
 from latentcast.protocol import (
+    TERMINAL_ERROR_CODES,
     TERMINAL_TYPES,
     GenerationParams,
     PreviewRequest,
@@ -24,6 +23,8 @@ from latentcast.protocol import (
     decode_server_message,
     encode_message,
 )
+from pydantic import BaseModel
+from websockets.asyncio.client import ClientConnection, connect
 
 TIMEOUT = 60.0
 
@@ -33,6 +34,8 @@ class Client:
     ws: ClientConnection
     welcome: Welcome
     received: list[Any] = field(default_factory=list)
+    #: (monotonic receive time, message), to order what two clients read concurrently.
+    timeline: list[tuple[float, Any]] = field(default_factory=list)
 
     async def send(self, message: BaseModel | dict[str, Any] | bytes | str) -> None:
         if isinstance(message, BaseModel):
@@ -59,9 +62,12 @@ class Client:
         async with asyncio.timeout(timeout):
             message = decode_server_message(await self.ws.recv())
         self.received.append(message)
+        self.timeline.append((time.monotonic(), message))
         return message
 
-    async def recv_until(self, predicate: Callable[[Any], bool], timeout: float = TIMEOUT) -> list[Any]:
+    async def recv_until(
+        self, predicate: Callable[[Any], bool], timeout: float = TIMEOUT
+    ) -> list[Any]:
         """Messages up to and including the first that matches ``predicate``."""
         got = []
         async with asyncio.timeout(timeout):
@@ -83,7 +89,7 @@ class Client:
 def is_terminal(message: Any, job_id: str | None = None) -> bool:
     if message.type not in TERMINAL_TYPES:
         return False
-    if message.type == "error" and message.id is None:
+    if message.type == "error" and (message.id is None or message.code not in TERMINAL_ERROR_CODES):
         return False
     return job_id is None or message.id == job_id
 

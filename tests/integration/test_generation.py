@@ -6,8 +6,6 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from latentcast.protocol import (
     Accepted,
     Complete,
@@ -19,6 +17,8 @@ from latentcast.protocol import (
 from latentcast.server.engine import Engine
 from latentcast.server.jobs import GenerationRequest
 from latentcast.server.previews import encode_image
+from PIL import Image
+
 from tests.support import open_client
 
 
@@ -81,8 +81,15 @@ async def test_image_is_byte_identical_to_calling_the_pipeline_directly(start_se
     async with start_server() as server:
         client = await open_client(server.ws_url)
         await client.submit(
-            "j1", "a red fox", steps=4, seed=7, width=64, height=64, guidance_scale=7.5,
-            negative_prompt="blurry", preview={"kind": "latent"},
+            "j1",
+            "a red fox",
+            steps=4,
+            seed=7,
+            width=64,
+            height=64,
+            guidance_scale=7.5,
+            negative_prompt="blurry",
+            preview={"kind": "latent"},
         )
         complete = (await client.job_messages("j1"))[-1]
         assert isinstance(complete, Complete)
@@ -90,8 +97,15 @@ async def test_image_is_byte_identical_to_calling_the_pipeline_directly(start_se
 
         assert server.model is not None
         request = GenerationRequest(
-            prompt="a red fox", negative_prompt="blurry", width=64, height=64, steps=4,
-            guidance_scale=7.5, seed=7, scheduler=client.welcome.defaults.scheduler, num_images=1,
+            prompt="a red fox",
+            negative_prompt="blurry",
+            width=64,
+            height=64,
+            steps=4,
+            guidance_scale=7.5,
+            seed=7,
+            scheduler=client.welcome.defaults.scheduler,
+            num_images=1,
         )
         engine = Engine(server.model)
         server.model.pipeline.scheduler = server.model.make_scheduler(request.scheduler)
@@ -121,8 +135,10 @@ async def test_num_images_uses_seed_plus_k(start_server) -> None:
         assert [image.seed for image in batch.images] == [2**32 - 1, 0]
         await client.submit("single", steps=2, seed=0)
         single = (await client.job_messages("single"))[-1]
-        pixels = [np.asarray(Image.open(io.BytesIO(i.data)), dtype=np.int16) for i in
-                  (batch.images[1], single.images[0])]
+        pixels = [
+            np.asarray(Image.open(io.BytesIO(i.data)), dtype=np.int16)
+            for i in (batch.images[1], single.images[0])
+        ]
         assert np.abs(pixels[0] - pixels[1]).max() <= 2  # "up to rounding"
         await client.close()
 
@@ -132,8 +148,12 @@ async def test_output_format_and_quality(start_server, fmt: str, pil_format: str
     async with start_server() as server:
         client = await open_client(server.ws_url)
         await client.send(
-            {"type": "submit", "id": "j", "params": {"prompt": "x", "steps": 1},
-             "output": {"format": fmt, "quality": 50}}
+            {
+                "type": "submit",
+                "id": "j",
+                "params": {"prompt": "x", "steps": 1},
+                "output": {"format": fmt, "quality": 50},
+            }
         )
         complete = (await client.job_messages("j"))[-1]
         assert complete.images[0].format == fmt
@@ -144,7 +164,9 @@ async def test_output_format_and_quality(start_server, fmt: str, pil_format: str
 async def test_latent_previews_every_n_steps_and_never_the_last(start_server) -> None:
     async with start_server() as server:
         client = await open_client(server.ws_url)
-        await client.submit("j", steps=5, width=64, height=80, preview={"kind": "latent", "every": 2})
+        await client.submit(
+            "j", steps=5, width=64, height=80, preview={"kind": "latent", "every": 2}
+        )
         messages = await client.job_messages("j")
         previews = [m for m in messages if isinstance(m, LatentPreview)]
         assert previews, "a reading client gets previews"
@@ -162,7 +184,10 @@ async def test_image_previews_respect_format_and_max_side(start_server) -> None:
     async with start_server() as server:
         client = await open_client(server.ws_url)
         await client.submit(
-            "j", steps=3, width=128, height=64,
+            "j",
+            steps=3,
+            width=128,
+            height=64,
             preview={"kind": "image", "format": "webp", "max_side": 8},
         )
         previews = [m for m in await client.job_messages("j") if isinstance(m, ImagePreview)]
@@ -190,7 +215,12 @@ async def test_guidance_at_or_below_one_and_integer_floats_are_accepted(start_se
     async with start_server() as server:
         client = await open_client(server.ws_url)
         # JavaScript encoders send 7.0 as 7: float fields take any number.
-        await client.send({"type": "submit", "id": "j", "params": {"prompt": "x", "steps": 1,
-                                                                   "guidance_scale": 1}})
+        await client.send(
+            {
+                "type": "submit",
+                "id": "j",
+                "params": {"prompt": "x", "steps": 1, "guidance_scale": 1},
+            }
+        )
         assert (await client.job_messages("j"))[-1].type == "complete"
         await client.close()

@@ -1,0 +1,390 @@
+"""Unit tests for latentcast.server.cli and latentcast.server.config (PROTOCOL.md section 9)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytest
+from latentcast.protocol import Limits
+from latentcast.server import __version__
+from latentcast.server.cli import SERVE_OPTIONS, build_parser, config_from, main
+from latentcast.server.config import ServerConfig
+from pydantic import ValidationError
+
+# Section 9 of PROTOCOL.md: every option a conforming server has.
+PROTOCOL_OPTIONS = (
+    "--host",
+    "--port",
+    "--model",
+    "--device",
+    "--token",
+    "--allow-origin",
+    "--max-queue",
+    "--max-connections",
+    "--drain-timeout",
+    "--send-timeout",
+)
+
+
+def configure(argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> ServerConfig:
+    args = build_parser().parse_args(["serve", *argv])
+    return config_from(args, environ or {})
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No LATENTCAST_* variable from the machine running the tests leaks in."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("LATENTCAST_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def run_main_error(argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(list(argv))
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "error" in captured.err
+    return captured.err
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_defaults_match_the_protocol() -> None:
+    config = configure()
+    assert config == ServerConfig()
+    assert config.host == "127.0.0.1"
+    assert config.port == 8765
+    assert config.model == "tiny"
+    assert config.device == "auto"
+    assert config.max_queue == 64
+    assert config.max_connections == 1000
+    assert config.drain_timeout == 30.0
+    assert config.send_timeout == 30.0
+    assert config.tokens == ()
+    assert config.allow_origins == ()
+
+
+def test_default_limits_match_the_protocol_defaults() -> None:
+    assert ServerConfig().limits() == Limits()
+    assert ServerConfig().limits().max_bad_frames == 16
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def test_environment_is_read() -> None:
+    config = configure(
+        environ={
+            "LATENTCAST_HOST": "0.0.0.0",
+            "LATENTCAST_PORT": "9000",
+            "LATENTCAST_MODEL": "/models/sd15",
+            "LATENTCAST_DEVICE": "cpu",
+            "LATENTCAST_MAX_QUEUE": "5",
+            "LATENTCAST_MAX_CONNECTIONS": "7",
+            "LATENTCAST_DRAIN_TIMEOUT": "2.5",
+            "LATENTCAST_SEND_TIMEOUT": "0.5",
+            "LATENTCAST_MAX_STEPS": "12",
+            "LATENTCAST_LOG_LEVEL": "debug",
+        }
+    )
+    assert config.host == "0.0.0.0"
+    assert config.port == 9000
+    assert config.model == "/models/sd15"
+    assert config.device == "cpu"
+    assert config.max_queue == 5
+    assert config.max_connections == 7
+    assert config.drain_timeout == 2.5
+    assert config.send_timeout == 0.5
+    assert config.max_steps == 12
+    assert config.log_level == "debug"
+
+
+def test_repeatable_options_are_comma_separated_in_the_environment() -> None:
+    config = configure(
+        environ={
+            "LATENTCAST_TOKEN": "a,b",
+            "LATENTCAST_ALLOW_ORIGIN": "https://app.example, http://localhost:3000",
+        }
+    )
+    assert config.tokens == ("a", "b")
+    assert config.allow_origins == ("https://app.example", "http://localhost:3000")
+
+
+def test_empty_parts_of_a_repeatable_variable_are_ignored() -> None:
+    assert configure(environ={"LATENTCAST_TOKEN": ""}).tokens == ()
+    assert configure(environ={"LATENTCAST_TOKEN": "a,,b,"}).tokens == ("a", "b")
+
+
+def test_unrelated_variables_are_ignored() -> None:
+    config = configure(environ={"LATENTCAST_NOPE": "1", "PORT": "1", "latentcast_port": "2"})
+    assert config == ServerConfig()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_command_line_options() -> None:
+    config = configure(
+        [
+            "--host",
+            "::1",
+            "--port",
+            "0",
+            "--model",
+            "runwayml/stable-diffusion-v1-5",
+            "--device",
+            "cuda:1",
+            "--token",
+            "t1",
+            "--token",
+            "t2",
+            "--allow-origin",
+            "https://a.example",
+            "--allow-origin",
+            "http://b.example:8080",
+            "--max-queue",
+            "3",
+            "--max-connections",
+            "2",
+            "--drain-timeout",
+            "0",
+            "--send-timeout",
+            "1.5",
+        ]
+    )
+    assert config.host == "::1"
+    assert config.port == 0
+    assert config.model == "runwayml/stable-diffusion-v1-5"
+    assert config.device == "cuda:1"
+    assert config.tokens == ("t1", "t2")
+    assert config.allow_origins == ("https://a.example", "http://b.example:8080")
+    assert (config.max_queue, config.max_connections) == (3, 2)
+    assert (config.drain_timeout, config.send_timeout) == (0.0, 1.5)
+
+
+def test_command_line_wins_over_the_environment() -> None:
+    environ = {
+        "LATENTCAST_PORT": "9000",
+        "LATENTCAST_HOST": "0.0.0.0",
+        "LATENTCAST_TOKEN": "a,b",
+        "LATENTCAST_SEND_TIMEOUT": "5",
+    }
+    config = configure(["--port", "9001", "--token", "c"], environ)
+    assert config.port == 9001
+    assert config.tokens == ("c",)
+    # What the command line leaves out still comes from the environment.
+    assert config.host == "0.0.0.0"
+    assert config.send_timeout == 5.0
+
+
+def test_main_reads_the_process_environment(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setenv("LATENTCAST_PORT", "70000")
+    err = run_main_error(["serve"], capsys)
+    assert "--port" in err
+    # ...and the command line wins there too (then the bad value goes unread).
+    clean_env.setenv("LATENTCAST_MAX_QUEUE", "0")
+    err = run_main_error(["serve", "--port", "1"], capsys)
+    assert "--max-queue" in err
+    assert "--port" not in err
+
+
+# --------------------------------------------------------------------------- invalid values
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["--port", "70000"], "--port"),
+        (["--port=-1"], "--port"),
+        (["--port", "eighty"], "--port"),
+        (["--drain-timeout=-1"], "--drain-timeout"),
+        (["--send-timeout=-1"], "--send-timeout"),
+        (["--send-timeout", "0"], "--send-timeout"),
+        (["--drain-timeout", "soon"], "--drain-timeout"),
+        (["--allow-origin", "example.com"], "--allow-origin"),
+        (["--allow-origin", "https://ok.example", "--allow-origin", "bad"], "--allow-origin"),
+        (["--allow-origin", "https://example.com/"], "--allow-origin"),
+        (["--max-queue", "0"], "--max-queue"),
+        (["--max-connections", "0"], "--max-connections"),
+        (["--max-queue", "1.5"], "--max-queue"),
+        (["--token", ""], "--token"),
+        (["--dtype", "float8"], "--dtype"),
+        (["--log-level", "loud"], "--log-level"),
+        (["--max-width", "32"], "--max-width"),
+    ],
+)
+def test_invalid_values_exit_with_an_error_naming_the_option(
+    argv: list[str],
+    option: str,
+    clean_env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    err = run_main_error(["serve", *argv], capsys)
+    assert option in err
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "option"),
+    [
+        ("LATENTCAST_PORT", "70000", "--port"),
+        ("LATENTCAST_PORT", "http", "--port"),
+        ("LATENTCAST_DRAIN_TIMEOUT", "-1", "--drain-timeout"),
+        ("LATENTCAST_SEND_TIMEOUT", "-0.5", "--send-timeout"),
+        ("LATENTCAST_ALLOW_ORIGIN", "https://ok.example,nope", "--allow-origin"),
+        ("LATENTCAST_DTYPE", "float8", "--dtype"),
+    ],
+)
+def test_invalid_environment_values_exit_naming_the_option(
+    name: str,
+    value: str,
+    option: str,
+    clean_env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    clean_env.setenv(name, value)
+    assert option in run_main_error(["serve"], capsys)
+
+
+def test_config_from_raises_validation_errors() -> None:
+    with pytest.raises(ValidationError):
+        configure(["--port", "70000"])
+    with pytest.raises(ValidationError):
+        configure(environ={"LATENTCAST_SEND_TIMEOUT": "-1"})
+    with pytest.raises(ValidationError):
+        configure(environ={"LATENTCAST_ALLOW_ORIGIN": "example.com"})
+
+
+def test_a_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    run_main_error([], capsys)
+    run_main_error(["serv"], capsys)
+    err = run_main_error(["serve", "--bogus"], capsys)
+    assert "--bogus" in err
+
+
+# --------------------------------------------------------------------------- help, version
+
+
+def test_top_level_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "serve" in out
+    assert "--version" in out
+
+
+def test_serve_help_mentions_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for option in PROTOCOL_OPTIONS:
+        assert option in out
+        env = "LATENTCAST_" + option.removeprefix("--").replace("-", "_").upper()
+        assert env in " ".join(out.split())
+    for option in SERVE_OPTIONS:
+        assert option.flag in out
+    assert "/v1/ws" in out
+
+
+def test_every_protocol_option_exists() -> None:
+    flags = {option.flag for option in SERVE_OPTIONS}
+    assert set(PROTOCOL_OPTIONS) <= flags
+    repeatable = {option.flag for option in SERVE_OPTIONS if option.repeatable}
+    assert repeatable == {"--token", "--allow-origin"}
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"latentcast {__version__}"
+
+
+def test_console_script_help() -> None:
+    script = Path(sys.executable).parent / "latentcast"
+    if not script.exists():
+        pytest.skip("the latentcast console script is not installed next to this Python")
+    top = subprocess.run(
+        [str(script), "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert top.returncode == 0, top.stderr
+    assert "serve" in top.stdout
+    serve = subprocess.run(
+        [str(script), "serve", "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert serve.returncode == 0, serve.stderr
+    for option in PROTOCOL_OPTIONS:
+        assert option in serve.stdout
+
+
+# --------------------------------------------------------------------------- ServerConfig
+
+
+def test_server_config_is_frozen() -> None:
+    config = ServerConfig()
+    with pytest.raises(ValidationError):
+        config.port = 1  # type: ignore[misc]
+    with pytest.raises(ValidationError):
+        config.tokens = ("a",)  # type: ignore[misc]
+    assert config.port == 8765
+
+
+def test_server_config_rejects_unknown_options() -> None:
+    with pytest.raises(ValidationError):
+        ServerConfig(prot=1)  # type: ignore[call-arg]
+
+
+def test_server_config_validation() -> None:
+    assert ServerConfig(port=0).port == 0
+    assert ServerConfig(port=65535).port == 65535
+    for bad in (
+        {"port": 65536},
+        {"port": -1},
+        {"drain_timeout": -0.1},
+        {"send_timeout": 0},
+        {"allow_origins": ("example.com",)},
+        {"allow_origins": ("https://example.com/",)},
+        {"tokens": ("",)},
+        {"max_queue": 0},
+    ):
+        with pytest.raises(ValidationError):
+            ServerConfig(**bad)  # type: ignore[arg-type]
+    assert ServerConfig(drain_timeout=0).drain_timeout == 0.0
+    assert ServerConfig(allow_origins=("http://localhost:8080",)).allow_origins == (
+        "http://localhost:8080",
+    )
+
+
+def test_limits_maps_fields() -> None:
+    config = ServerConfig(
+        max_width=2048,
+        max_height=1536,
+        max_steps=99,
+        max_images=3,
+        max_prompt_chars=77,
+        max_jobs_per_session=5,
+        max_message_bytes=2**21,
+        max_bad_frames=4,
+    )
+    assert config.limits() == Limits(
+        max_width=2048,
+        max_height=1536,
+        max_steps=99,
+        max_images=3,
+        max_prompt_chars=77,
+        max_jobs_per_session=5,
+        max_message_bytes=2**21,
+        max_bad_frames=4,
+    )
