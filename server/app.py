@@ -20,16 +20,19 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Self
 
-from latentcast.protocol import Defaults, Draining, LatentRGBInfo, ModelInfo, SubmitRules
+import torch
 from websockets.asyncio.server import Server as WebSocketServer
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.frames import CloseCode
+
+from latentcast.protocol import Defaults, Draining, LatentRGBInfo, ModelInfo, SubmitRules
 
 from . import __version__
 from .config import ServerConfig
@@ -43,6 +46,8 @@ from .transport import WS_PATH, HttpFront, ServerStatus
 logger = logging.getLogger("latentcast.server")
 
 CLOSE_TIMEOUT = 5.0
+#: How long close() waits for the engine thread to leave a stopped job (or a model load).
+ENGINE_STOP_TIMEOUT = 30.0
 
 
 class Phase(enum.Enum):
@@ -160,6 +165,10 @@ class Server:
             self._load_error = exc
             self._stop_requested.set()
             return
+        if model.device.type == "cpu":
+            threads = config.cpu_threads or max(1, (os.cpu_count() or 1) - 1)
+            await self._thread.call(torch.set_num_threads, threads)
+            logger.info("engine uses %d CPU threads", threads)
         self.model = model
         self._context = self._session_context(model)
         engine = Engine(model)
@@ -322,7 +331,11 @@ class Server:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # A job stopped at the deadline leaves the engine within one step; wait for that,
+        # so the process never exits with torch still running on the engine thread.
         self._thread.close()
+        if not await asyncio.to_thread(self._thread.join, ENGINE_STOP_TIMEOUT):
+            logger.warning("the engine thread is still busy; exiting without it")
         self._encoder.shutdown(wait=False, cancel_futures=True)
 
     async def __aenter__(self) -> Self:

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from latentcast.protocol import Limits
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from latentcast.protocol import Limits
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -47,6 +48,9 @@ class ServerConfig(BaseModel):
     max_message_bytes: int = Field(default=64 * 2**20, ge=64 * 2**10)
     max_bad_frames: int = Field(default=16, ge=1)
     max_pending_messages: int = Field(default=DEFAULT_MAX_PENDING_MESSAGES, ge=16)
+    #: torch threads for the engine on a CPU device; None: every core but one, which is
+    #: left to the event loop (a loop starved by torch's spinning threads delays cancels).
+    cpu_threads: int | None = Field(default=None, ge=1)
     log_level: LogLevel = "info"
 
     @field_validator("tokens")

@@ -30,6 +30,8 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
+from PIL import Image
+
 from latentcast.protocol import (
     Complete,
     Error,
@@ -42,7 +44,6 @@ from latentcast.protocol import (
     Started,
     Timings,
 )
-from PIL import Image
 
 from .jobs import GenerationRequest, Job
 from .metrics import Metrics
@@ -84,7 +85,13 @@ class EngineThread:
         return await asyncio.wrap_future(future)
 
     def close(self) -> None:
+        """Let the thread end once the calls already queued have run."""
         self._calls.put(None)
+
+    def join(self, timeout: float) -> bool:
+        """Wait (blocking) for the thread to end; False if it is still busy after ``timeout``."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _serve(self) -> None:
         while (item := self._calls.get()) is not None:

@@ -14,6 +14,11 @@ import secrets
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
+from pydantic import BaseModel
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+
 from latentcast.protocol import (
     FRAME_ERROR_CODES,
     PROTOCOL_VERSION,
@@ -30,10 +35,6 @@ from latentcast.protocol import (
     decode_client_message,
     encode_message,
 )
-from pydantic import BaseModel
-from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
-from websockets.frames import CloseCode
 
 from .config import ServerConfig
 from .jobs import GenerationRequest, Job, StopReason

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+from pydantic import BaseModel
+from websockets.asyncio.client import ClientConnection, connect
+
 from latentcast.protocol import (
     TERMINAL_ERROR_CODES,
     TERMINAL_TYPES,
@@ -23,8 +26,6 @@ from latentcast.protocol import (
     decode_server_message,
     encode_message,
 )
-from pydantic import BaseModel
-from websockets.asyncio.client import ClientConnection, connect
 
 TIMEOUT = 60.0
 

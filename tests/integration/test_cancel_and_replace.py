@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 from latentcast.protocol import Accepted, Cancelled, Complete, Progress, Started
-
 from tests.support import is_terminal, open_client
 
 LONG = 150  # steps (the default max_steps): a job that runs until it is stopped

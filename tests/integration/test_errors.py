@@ -8,9 +8,9 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from latentcast.protocol import Error
 from websockets.exceptions import ConnectionClosed
 
+from latentcast.protocol import Error
 from tests.support import open_client
 
 

@@ -6,6 +6,8 @@ import io
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from latentcast.protocol import (
     Accepted,
     Complete,
@@ -17,8 +19,6 @@ from latentcast.protocol import (
 from latentcast.server.engine import Engine
 from latentcast.server.jobs import GenerationRequest
 from latentcast.server.previews import encode_image
-from PIL import Image
-
 from tests.support import open_client
 
 

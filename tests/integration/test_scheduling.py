@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 from latentcast.protocol import Accepted, Queued, Started
-
 from tests.support import is_terminal, open_client
 
 

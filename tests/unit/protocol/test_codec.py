@@ -12,6 +12,8 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
+
 from latentcast.protocol import (
     FRAME_ERROR_CODES,
     PROTOCOL_VERSION,
@@ -49,7 +51,6 @@ from latentcast.protocol import (
     encode_message,
     unpack_frame,
 )
-from pydantic import BaseModel
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -11,6 +11,8 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
+
 from latentcast.protocol import (
     DROPPABLE_TYPES,
     FRAME_ERROR_CODES,
@@ -32,7 +34,6 @@ from latentcast.protocol import (
     decode_client_message,
 )
 from latentcast.protocol.limits import JOB_ID_MAX_LENGTH, MAX_SEED
-from pydantic import ValidationError
 
 LIMITS = Limits(
     max_width=1024,

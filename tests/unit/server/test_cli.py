@@ -8,11 +8,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
+
 from latentcast.protocol import Limits
 from latentcast.server import __version__
 from latentcast.server.cli import SERVE_OPTIONS, build_parser, config_from, main
 from latentcast.server.config import ServerConfig
-from pydantic import ValidationError
 
 # Section 9 of PROTOCOL.md: every option a conforming server has.
 PROTOCOL_OPTIONS = (

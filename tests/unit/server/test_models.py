@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from latentcast.server import models
 from latentcast.server.models import (
     SD1_FAMILY,

@@ -8,9 +8,10 @@ from collections.abc import Callable
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
+
 from latentcast.protocol import Accepted, Cancelled, Progress, Queued, Started
 from latentcast.server.outbound import BufferClosed, OutboundBuffer, Outgoing
-from pydantic import BaseModel
 
 
 class FakeClock:

@@ -7,6 +7,8 @@ import io
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from latentcast.server.models import SD1_FAMILY, LatentRGB
 from latentcast.server.previews import (
     encode_image,
@@ -15,7 +17,6 @@ from latentcast.server.previews import (
     latent_to_rgb,
     rgb_preview,
 )
-from PIL import Image
 
 SIMPLE = LatentRGB(
     factors=((0.5, 0.0, -0.5), (0.25, 1.0, 0.0)),

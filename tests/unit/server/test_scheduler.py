@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
+
 from latentcast.protocol import Cancelled, Complete, Error, Queued, Timings
 from latentcast.server.jobs import GenerationRequest, Job, JobState, StopReason
 from latentcast.server.metrics import Metrics
 from latentcast.server.scheduler import FairQueue, Scheduler
-from pydantic import BaseModel
 
 # =========================================================================== FairQueue
 
