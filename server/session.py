@@ -177,10 +177,16 @@ class Session:
             )
             self.send(Error(id=exc.id, code=exc.code, message=exc.message, field=exc.field))
             return
-        if isinstance(message, Submit):
-            self._submit(message)
-        elif isinstance(message, Cancel):
-            self._cancel(message)
+        try:
+            if isinstance(message, Submit):
+                self._submit(message)
+            elif isinstance(message, Cancel):
+                self._cancel(message)
+        except Exception as exc:  # noqa: BLE001 - a bug here must not end the session
+            logger.exception("session=%s job=%s: internal error", self.id, message.id)
+            self.send(
+                Error(id=message.id, code=ErrorCode.INTERNAL, message=f"internal error: {exc}")
+            )
 
     def _reject(self, submit: Submit, code: ErrorCode, message: str) -> None:
         logger.info("session=%s job=%s rejected: %s (%s)", self.id, submit.id, code, message)
@@ -233,8 +239,8 @@ class Session:
             output=submit.output,
         )
         job = Job(id=submit.id, owner=self, request=request)
-        self.jobs[job.id] = job
         position = scheduler.submit(job, replacing=replacing)
+        self.jobs[job.id] = job
         logger.info(
             "session=%s job=%s accepted at position %d%s",
             self.id,
