@@ -182,7 +182,7 @@ class Session:
                 self._submit(message)
             elif isinstance(message, Cancel):
                 self._cancel(message)
-        except Exception as exc:  # noqa: BLE001 - a bug here must not end the session
+        except Exception as exc:
             logger.exception("session=%s job=%s: internal error", self.id, message.id)
             self.send(
                 Error(id=message.id, code=ErrorCode.INTERNAL, message=f"internal error: {exc}")
