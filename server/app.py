@@ -102,6 +102,11 @@ class Server:
         )
 
     @property
+    def engine_thread(self) -> EngineThread:
+        """The thread that owns the model: run model code here to compare like with like."""
+        return self._thread
+
+    @property
     def load_error(self) -> BaseException | None:
         """Why the model failed to load, if it did."""
         return self._load_error

@@ -133,7 +133,7 @@ async def test_503_before_the_model_is_loaded_and_401_comes_first(model_cache) -
     server = Server(ServerConfig(port=0, cache_dir=model_cache, tokens=("t",)))
     # Keep the engine thread busy, so that the model load queued behind it has to wait.
     release = threading.Event()
-    hold = asyncio.ensure_future(server._thread.call(release.wait))
+    hold = asyncio.ensure_future(server.engine_thread.call(release.wait))
     await server.start()
     try:
         status, body, _ = await get(server.http_url + "/ready")
