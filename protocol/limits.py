@@ -16,6 +16,8 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
 JOB_ID_MAX_LENGTH = 64
 
 MAX_SEED = 2**32 - 1
+#: Seeds are taken modulo this (image k of a job uses seed + k).
+SEED_SPACE = MAX_SEED + 1
 MIN_SIDE = 64
 SIDE_MULTIPLE = 8
 MAX_GUIDANCE_SCALE = 30.0

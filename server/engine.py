@@ -44,6 +44,7 @@ from latentcast.protocol import (
     Started,
     Timings,
 )
+from latentcast.protocol.limits import SEED_SPACE
 
 from .jobs import GenerationRequest, Job
 from .metrics import Metrics
@@ -54,8 +55,6 @@ from .scheduler import Scheduler, stopped_message
 logger = logging.getLogger("latentcast.engine")
 
 T = TypeVar("T")
-
-MAX_SEED_SPACE = 2**32
 
 
 class JobStopped(Exception):
@@ -199,7 +198,7 @@ class Engine:
             "num_images_per_prompt": request.num_images,
             # CPU generators: the same noise on every device, image k from seed + k.
             "generator": [
-                torch.Generator(device="cpu").manual_seed((request.seed + k) % MAX_SEED_SPACE)
+                torch.Generator(device="cpu").manual_seed((request.seed + k) % SEED_SPACE)
                 for k in range(request.num_images)
             ],
             "output_type": "pil",
@@ -216,7 +215,7 @@ def encode_results(
             format=output.format,
             width=image.width,
             height=image.height,
-            seed=(first_seed + k) % MAX_SEED_SPACE,
+            seed=(first_seed + k) % SEED_SPACE,
         )
         for k, image in enumerate(images)
     ]

@@ -50,6 +50,7 @@ class OutboundBuffer:
         self._readable = asyncio.Event()
         self._empty = asyncio.Event()
         self._empty.set()
+        self._reliable_taken = asyncio.Event()
         self._closed = False
 
     def __len__(self) -> int:
@@ -105,6 +106,7 @@ class OutboundBuffer:
         if not entry.droppable and self._unsent_reliable:
             if self._unsent_reliable[0][0] == entry.seq:
                 self._unsent_reliable.popleft()
+                self._reliable_taken.set()
         if not self._entries and not self._unsent_reliable:
             self._empty.set()
 
@@ -113,6 +115,12 @@ class OutboundBuffer:
         if not self._unsent_reliable:
             return 0.0
         return self._clock() - self._unsent_reliable[0][1]
+
+    async def wait_backlog_below(self, limit: int) -> None:
+        """Until fewer than ``limit`` non-droppable messages wait (or the buffer closes)."""
+        while len(self._unsent_reliable) >= limit and not self._closed:
+            self._reliable_taken.clear()
+            await self._reliable_taken.wait()
 
     async def wait_empty(self) -> None:
         """Until everything put so far has been sent."""
@@ -127,6 +135,7 @@ class OutboundBuffer:
         self._unsent_reliable.clear()
         self._empty.set()
         self._readable.set()
+        self._reliable_taken.set()
 
     def _wake(self) -> None:
         self._empty.clear()

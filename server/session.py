@@ -35,6 +35,7 @@ from latentcast.protocol import (
     decode_client_message,
     encode_message,
 )
+from latentcast.protocol.limits import SEED_SPACE
 
 from .config import ServerConfig
 from .jobs import GenerationRequest, Job, StopReason
@@ -43,8 +44,6 @@ from .outbound import BufferClosed, OutboundBuffer
 from .scheduler import Scheduler
 
 logger = logging.getLogger("latentcast.session")
-
-MAX_SEED_SPACE = 2**32
 
 
 @dataclass(frozen=True)
@@ -158,10 +157,9 @@ class Session:
                     return
                 # Backpressure: a client that sends without reading waits here, and the
                 # send timeout ends it if it never reads.
-                while self.buffer.reliable_backlog >= config.max_pending_messages:
-                    await asyncio.sleep(0.05)
-                    if self.buffer.closed:
-                        return
+                await self.buffer.wait_backlog_below(config.max_pending_messages)
+                if self.buffer.closed:
+                    return
         except ConnectionClosed:
             pass
 
@@ -232,7 +230,7 @@ class Session:
                 if params.guidance_scale is not None
                 else defaults.guidance_scale
             ),
-            seed=params.seed if params.seed is not None else secrets.randbelow(MAX_SEED_SPACE),
+            seed=params.seed if params.seed is not None else secrets.randbelow(SEED_SPACE),
             scheduler=params.scheduler or defaults.scheduler,
             num_images=params.num_images,
             preview=submit.preview,

@@ -299,3 +299,30 @@ async def test_close_discards_what_is_queued_and_refuses_more() -> None:
     with pytest.raises(BufferClosed):
         await asyncio.wait_for(buffer.get(), 1.0)
     assert calls == []
+
+
+async def test_wait_backlog_below_blocks_until_the_writer_catches_up() -> None:
+    buffer = OutboundBuffer()
+    for k in range(3):
+        buffer.put(Accepted(id=f"j{k}", position=k))
+    waiter = asyncio.create_task(buffer.wait_backlog_below(2))
+    await asyncio.sleep(0.01)
+    assert not waiter.done(), "3 unsent reliable messages: at or above the limit of 2"
+    buffer.sent(await buffer.get())
+    await asyncio.sleep(0.01)
+    assert not waiter.done(), "2 still unsent"
+    buffer.sent(await buffer.get())
+    await asyncio.wait_for(waiter, 1)
+    # Droppable messages never count toward the backlog.
+    buffer.put_latest(("j", "progress"), lambda: Progress(id="j", step=1, steps=2, elapsed_ms=0))
+    await asyncio.wait_for(buffer.wait_backlog_below(2), 1)
+
+
+async def test_wait_backlog_below_returns_when_the_buffer_closes() -> None:
+    buffer = OutboundBuffer()
+    buffer.put(Accepted(id="j", position=0))
+    waiter = asyncio.create_task(buffer.wait_backlog_below(1))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    buffer.close()
+    await asyncio.wait_for(waiter, 1)
