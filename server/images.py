@@ -1,0 +1,92 @@
+"""Images that clients send (``init_image``, ``mask``): decode safely, size, composite.
+
+Everything here turns bad input into :class:`BadImage`, whose message names the field,
+and never lets a decompression bomb be decoded: the pixel count is checked from the
+header before any pixel data is touched.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from latentcast.protocol.limits import MIN_SIDE, SIDE_MULTIPLE
+
+#: The formats PROTOCOL.md allows for init_image and mask.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+class BadImage(Exception):
+    """An init_image or mask that cannot be used; ``message`` names the field."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def decode_image(data: bytes, *, field: str, max_pixels: int, mode: str = "RGB") -> Image.Image:
+    """Decode a PNG, JPEG or WebP into ``mode``; refuse anything else or anything huge."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise BadImage(
+                    f"{field} is {width}x{height} pixels; at most {max_pixels} pixels are accepted"
+                )
+            image.load()
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage(f"{field} is not a PNG, JPEG or WebP image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImage(f"{field} is too large to decode") from None
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt data, in many forms
+        raise BadImage(f"{field} could not be decoded: {exc}") from None
+    if width < 1 or height < 1:
+        raise BadImage(f"{field} has no pixels")
+    return image.convert(mode)
+
+
+def default_size(image: Image.Image) -> tuple[int, int]:
+    """The job size an init image implies: its own, rounded down to a multiple of 8."""
+    width, height = image.size
+    return width - width % SIDE_MULTIPLE, height - height % SIDE_MULTIPLE
+
+
+def check_job_size(width: int, height: int, *, max_width: int, max_height: int) -> None:
+    """Refuse an init image whose implied size is out of the server's limits."""
+    if width < MIN_SIDE or height < MIN_SIDE:
+        raise BadImage(
+            f"init_image is too small: {width}x{height} after rounding down to a multiple of "
+            f"{SIDE_MULTIPLE}; at least {MIN_SIDE}x{MIN_SIDE} (or give params.width/height)"
+        )
+    if width > max_width or height > max_height:
+        raise BadImage(
+            f"init_image is too large: {width}x{height}; at most {max_width}x{max_height} "
+            "(or give params.width and params.height to scale it)"
+        )
+
+
+def fit(image: Image.Image, width: int, height: int) -> Image.Image:
+    """``image`` at exactly width x height (resampled only when it differs)."""
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), Image.Resampling.LANCZOS)
+
+
+def composite(generated: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
+    """Keep ``original`` where the mask is black, take ``generated`` where it is white.
+
+    Grey blends linearly. Pixels under pure black come out exactly as they went in, which
+    is what a canvas tool needs: the part the user did not paint never changes.
+    """
+    weight = np.asarray(mask.convert("L"), dtype=np.float32)[..., None] / 255.0
+    new = np.asarray(generated.convert("RGB"), dtype=np.float32)
+    old = np.asarray(original.convert("RGB"), dtype=np.float32)
+    blended = np.rint(old + (new - old) * weight).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(blended, "RGB")
