@@ -38,6 +38,7 @@ from .limits import (
 )
 
 JobId = Annotated[str, Field(pattern=JOB_ID_PATTERN)]
+GenerationMode = Literal["txt2img", "img2img", "inpaint"]
 PreviewKind = Literal["none", "latent", "image"]
 PreviewFormat = Literal["jpeg", "webp"]
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -109,6 +110,13 @@ class GenerationParams(_ClientModel):
     strength: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     mask: bytes | None = None
     loras: list[LoraRef] = Field(default_factory=list)
+
+    @property
+    def mode(self) -> GenerationMode:
+        """What the job does: an init_image makes it img2img, a mask too makes it inpaint."""
+        if self.init_image is None:
+            return "txt2img"
+        return "inpaint" if self.mask is not None else "img2img"
 
     @field_validator("prompt", "negative_prompt")
     @classmethod
@@ -273,6 +281,10 @@ class Started(_ServerModel):
     steps: int
     width: int
     height: int
+    #: latentcast's addition (clients ignore unknown keys): things about the job a person
+    #: should know, e.g. that a prompt was longer than the text encoder reads. Omitted
+    #: when there are none.
+    warnings: list[str] | None = Field(default=None, exclude_if=lambda value: not value)
 
 
 class Progress(_ServerModel):

@@ -78,6 +78,7 @@ class Server:
         self._thread = EngineThread()
         self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="latentcast-encode")
         self._ws_server: WebSocketServer | None = None
+        self._port: int | None = None
         self._context: SessionContext | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = asyncio.Event()
@@ -113,8 +114,9 @@ class Server:
 
     @property
     def port(self) -> int:
-        assert self._ws_server is not None, "the server is not started"
-        return int(next(iter(self._ws_server.sockets)).getsockname()[1])
+        """The bound port (also after close, for logs and tests)."""
+        assert self._port is not None, "the server is not started"
+        return self._port
 
     @property
     def ws_url(self) -> str:
@@ -139,6 +141,7 @@ class Server:
             close_timeout=CLOSE_TIMEOUT,
             server_header=f"latentcast/{__version__}",
         )
+        self._port = int(next(iter(self._ws_server.sockets)).getsockname()[1])
         logger.info("listening on %s", self.ws_url)
         self._set_phase(Phase.LOADING)
         self._tasks.append(asyncio.create_task(self._load(), name="load-model"))
@@ -164,6 +167,9 @@ class Server:
                 device=config.device,
                 dtype=config.dtype,
                 cache_dir=config.cache_dir,
+                model_config=config.checkpoint_config,
+                loras=config.lora_paths(),
+                preview_decoder=config.preview_decoder,
             )
         except Exception as exc:  # noqa: BLE001 - reported, and the server stops
             logger.error("could not load model %r: %s", config.model, exc)
@@ -197,9 +203,9 @@ class Server:
         info = ModelInfo(
             name=model.name,
             family=model.family.name,
-            modes=["txt2img"],
+            modes=list(model.modes),
             schedulers=list(model.schedulers),
-            loras=[],
+            loras=list(model.loras),
             latent_channels=model.latent_channels,
             vae_scale_factor=model.vae_scale_factor,
             latent_rgb=(
@@ -212,7 +218,7 @@ class Server:
         return SessionContext(
             config=config,
             server_name=f"latentcast/{__version__}",
-            rules=SubmitRules(limits=limits, schedulers=model.schedulers, loras=()),
+            rules=SubmitRules(limits=limits, schedulers=model.schedulers, loras=model.loras),
             defaults=Defaults(
                 width=min(model.default_size, limits.max_width),
                 height=min(model.default_size, limits.max_height),
@@ -224,6 +230,7 @@ class Server:
             scheduler=self.scheduler,
             metrics=self.metrics,
             is_draining=lambda: self.phase is not Phase.READY,
+            image_previews=latent_rgb is not None or model.preview_decoder is not None,
         )
 
     async def wait_ready(self) -> None:

@@ -1,4 +1,6 @@
-"""``latentcast`` command line: ``latentcast serve [options]``.
+"""``latentcast`` command line: ``latentcast serve [options]`` and ``latentcast generate``.
+
+``generate`` is the Python client's (:mod:`latentcast.client.cli`); only ``serve`` lives here.
 
 Every option can also come from the environment as ``LATENTCAST_<NAME>`` (for example
 ``LATENTCAST_PORT=9000``; repeatable options comma-separated); the command line wins.
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
+
+from latentcast.client.cli import add_generate_command, run_generate
 
 from . import __version__
 from .config import ServerConfig
@@ -61,6 +65,23 @@ SERVE_OPTIONS = (
         "allow browser pages from this origin, e.g. https://app.example (repeatable; none: any)",
         repeatable=True,
     ),
+    _Option(
+        "--model-config",
+        "checkpoint_config",
+        "for a single-file checkpoint: a local diffusers folder (or tiny / tiny-sdxl) with "
+        "its configs, so nothing is fetched from a hub",
+    ),
+    _Option(
+        "--lora",
+        "loras",
+        "load a LoRA adapter at start as NAME=PATH; jobs select it by name (repeatable)",
+        repeatable=True,
+    ),
+    _Option(
+        "--preview-decoder",
+        "preview_decoder",
+        "an AutoencoderTiny (TAESD) folder: image previews become real decodes",
+    ),
     _Option("--max-queue", "max_queue", "jobs that may wait for the engine (default 64)", int),
     _Option("--max-connections", "max_connections", "open sessions at most (default 1000)", int),
     _Option(
@@ -89,6 +110,12 @@ SERVE_OPTIONS = (
         "--max-message-bytes",
         "max_message_bytes",
         "largest WebSocket message (default 64 MiB)",
+        int,
+    ),
+    _Option(
+        "--cpu-threads",
+        "cpu_threads",
+        "torch threads when running on CPU (default: all cores but one)",
         int,
     ),
     _Option(
@@ -130,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{option.help} [env {_env_name(option)}]",
             metavar=option.dest.upper().rstrip("S") if option.repeatable else None,
         )
+    add_generate_command(commands)
     return parser
 
 
@@ -162,6 +190,8 @@ def _quiet_libraries() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "generate":
+        return run_generate(args)
     try:
         config = config_from(args, os.environ)
     except ValidationError as exc:

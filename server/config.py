@@ -7,6 +7,7 @@ tests build one directly. Nothing else reads the environment.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +32,13 @@ class ServerConfig(BaseModel):
     device: str = "auto"
     dtype: Literal["float16", "bfloat16", "float32"] | None = None
     cache_dir: Path | None = None
+    #: For a single-file checkpoint: a local diffusers folder (or "tiny", "tiny-sdxl")
+    #: whose configs describe it, so that loading never reaches for a hub.
+    checkpoint_config: str | None = None
+    #: LoRA adapters loaded at start, as NAME=PATH; jobs select them by name.
+    loras: tuple[str, ...] = ()
+    #: An AutoencoderTiny (TAESD) folder that makes image previews real decodes.
+    preview_decoder: Path | None = None
     tokens: tuple[str, ...] = ()
     allow_origins: tuple[str, ...] = ()
     max_queue: int = Field(default=64, ge=1)
@@ -59,6 +67,25 @@ class ServerConfig(BaseModel):
         if any(not token for token in tokens):
             raise ValueError("a token may not be empty")
         return tokens
+
+    @field_validator("loras")
+    @classmethod
+    def _loras_are_name_equals_path(cls, loras: tuple[str, ...]) -> tuple[str, ...]:
+        names = set()
+        for lora in loras:
+            name, sep, path = lora.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"LoRA {lora!r} must look like NAME=PATH")
+            if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+                raise ValueError(f"LoRA name {name!r} may use only letters, digits, '.', '_', '-'")
+            if name in names:
+                raise ValueError(f"LoRA name {name!r} is given twice")
+            names.add(name)
+        return loras
+
+    def lora_paths(self) -> dict[str, Path]:
+        """The --lora options as {name: path}."""
+        return {name: Path(path) for name, _, path in (lora.partition("=") for lora in self.loras)}
 
     @field_validator("allow_origins")
     @classmethod

@@ -46,10 +46,11 @@ from latentcast.protocol import (
 )
 from latentcast.protocol.limits import SEED_SPACE
 
+from .images import composite
 from .jobs import GenerationRequest, Job
 from .metrics import Metrics
 from .models import LatentRGB, LoadedModel
-from .previews import encode_image, rgb_preview
+from .previews import encode_image, encode_preview, rgb_preview
 from .scheduler import Scheduler, stopped_message
 
 logger = logging.getLogger("latentcast.engine")
@@ -110,7 +111,10 @@ class LatentSnapshot:
     it first waits for that copy only (an event), never for later steps.
     """
 
-    def __init__(self, latents: torch.Tensor) -> None:
+    def __init__(self, latents: torch.Tensor, rgb: np.ndarray | None = None) -> None:
+        #: The preview decoder's picture of this latent, when the job wants one and the
+        #: model has a decoder (decoded on the engine thread, where the model lives).
+        self.rgb = rgb
         first = latents[0].detach()
         self.shape: tuple[int, int, int] = tuple(first.shape)  # type: ignore[assignment]
         self._ready: torch.cuda.Event | None = None
@@ -135,7 +139,7 @@ class LatentSnapshot:
 class StepListener(Protocol):
     """What the engine reports while it runs a job; called on the engine thread."""
 
-    def started(self, steps: int) -> None: ...
+    def started(self, steps: int, warnings: list[str]) -> None: ...
 
     def step(self, step: int, steps: int, latent: LatentSnapshot | None) -> None: ...
 
@@ -146,11 +150,39 @@ class Engine:
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
 
-    def count_steps(self, request: GenerationRequest) -> int:
-        """The denoising iterations ``request`` will really run (what ``progress`` counts)."""
-        scheduler = self.model.make_scheduler(request.scheduler)
-        scheduler.set_timesteps(request.steps)
-        return len(scheduler.timesteps)
+    def count_steps(self, pipeline: Any, request: GenerationRequest) -> int:
+        """The denoising iterations ``request`` will really run (what ``progress`` counts).
+
+        Leaves a fresh scheduler of the job's kind on ``pipeline``, ready for the run.
+        """
+        model = self.model
+        pipeline.scheduler = model.make_scheduler(request.scheduler)
+        pipeline.scheduler.set_timesteps(request.steps)
+        if request.mode == "txt2img":
+            steps = len(pipeline.scheduler.timesteps)
+        else:
+            # The pipeline's own rule for how much of the schedule strength skips.
+            timesteps, _ = pipeline.get_timesteps(request.steps, request.strength, "cpu")
+            steps = len(timesteps)
+        pipeline.scheduler = model.make_scheduler(request.scheduler)
+        return steps
+
+    def prompt_warnings(self, pipeline: Any, request: GenerationRequest) -> list[str]:
+        """Say so when a prompt is longer than the text encoder's window (it is cut there)."""
+        tokenizer = pipeline.tokenizer
+        window = tokenizer.model_max_length
+        warnings = []
+        for field, text in (
+            ("prompt", request.prompt),
+            ("negative_prompt", request.negative_prompt),
+        ):
+            count = len(tokenizer(text).input_ids)
+            if count > window:
+                warnings.append(
+                    f"{field} is {count - 2} tokens; the text encoder reads the first "
+                    f"{window - 2} and ignored the last {count - window}"
+                )
+        return warnings
 
     def generate(
         self, request: GenerationRequest, listener: StepListener, stop: threading.Event
@@ -158,19 +190,23 @@ class Engine:
         """Run one job to its images. Raises JobStopped when ``stop`` is set."""
         if stop.is_set():
             raise JobStopped(0)
-        pipeline = self.model.pipeline
-        pipeline.scheduler = self.model.make_scheduler(request.scheduler)
-        steps = self.count_steps(request)
-        listener.started(steps)
+        model = self.model
+        pipeline = model.pipeline_for(request.mode)
+        model.activate_loras(request.loras)
+        steps = self.count_steps(pipeline, request)
+        listener.started(steps, self.prompt_warnings(pipeline, request))
+        decode_previews = request.preview.kind == "image" and model.preview_decoder is not None
 
         def on_step_end(
             pipe: Any, index: int, timestep: Any, tensors: dict[str, torch.Tensor]
         ) -> dict[str, torch.Tensor]:
             step = index + 1
-            latent = None
+            snapshot = None
             if request.wants_preview(step, steps):
-                latent = LatentSnapshot(tensors["latents"])
-            listener.step(step, steps, latent)
+                latents = tensors["latents"]
+                rgb = model.decode_preview(latents[:1]) if decode_previews else None
+                snapshot = LatentSnapshot(latents, rgb)
+            listener.step(step, steps, snapshot)
             if stop.is_set() and step < steps:
                 raise JobStopped(step)
             return {}
@@ -180,7 +216,11 @@ class Engine:
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             raise
-        return list(output.images)
+        images = list(output.images)
+        if request.mode == "inpaint":
+            assert request.init_image is not None and request.mask is not None
+            images = [composite(image, request.init_image, request.mask) for image in images]
+        return images
 
     def pipeline_arguments(self, request: GenerationRequest) -> dict[str, Any]:
         """The keyword arguments of the pipeline call for ``request``.
@@ -188,11 +228,9 @@ class Engine:
         Public so that a test (and the benchmark) can call the pipeline directly with
         exactly what the server uses, and compare the bytes.
         """
-        return {
+        arguments: dict[str, Any] = {
             "prompt": request.prompt,
             "negative_prompt": request.negative_prompt,
-            "width": request.width,
-            "height": request.height,
             "num_inference_steps": request.steps,
             "guidance_scale": request.guidance_scale,
             "num_images_per_prompt": request.num_images,
@@ -203,6 +241,14 @@ class Engine:
             ],
             "output_type": "pil",
         }
+        if request.mode == "txt2img":
+            arguments.update(width=request.width, height=request.height)
+        else:
+            # The images were scaled to the job size when the job was accepted.
+            arguments.update(image=request.init_image, strength=request.strength)
+        if request.mode == "inpaint":
+            arguments.update(mask_image=request.mask, width=request.width, height=request.height)
+        return arguments
 
 
 def encode_results(
@@ -231,9 +277,9 @@ class _JobReporter:
     latent_rgb: LatentRGB | None
     last_step_at: float = 0.0
 
-    def started(self, steps: int) -> None:
+    def started(self, steps: int, warnings: list[str]) -> None:
         self.last_step_at = time.monotonic()
-        self.loop.call_soon_threadsafe(self._started, steps)
+        self.loop.call_soon_threadsafe(self._started, steps, warnings)
 
     def step(self, step: int, steps: int, latent: LatentSnapshot | None) -> None:
         now = time.monotonic()
@@ -243,7 +289,7 @@ class _JobReporter:
 
     # On the event loop from here on.
 
-    def _started(self, steps: int) -> None:
+    def _started(self, steps: int, warnings: list[str]) -> None:
         job = self.job
         job.steps = steps
         if job.unfinished:
@@ -255,6 +301,7 @@ class _JobReporter:
                     steps=steps,
                     width=request.width,
                     height=request.height,
+                    warnings=warnings or None,
                 )
             )
 
@@ -274,13 +321,19 @@ class _JobReporter:
     def _preview(self, step: int, latent: LatentSnapshot) -> LatentPreview | ImagePreview:
         """Built by the session's writer when it is about to send (never if replaced)."""
         preview = self.job.request.preview
-        if preview.kind == "latent" or self.latent_rgb is None:
+        if preview.kind == "latent":
             return LatentPreview(
                 id=self.job.id, step=step, shape=latent.shape, data=latent.fp16_bytes()
             )
-        data, width, height = rgb_preview(
-            latent.array().astype(np.float32), self.latent_rgb, preview.format, preview.max_side
-        )
+        # Default size: the latent's own (PROTOCOL.md), also for a decoder's full-size picture.
+        max_side = preview.max_side or max(latent.shape[1:])
+        if latent.rgb is not None:
+            data, width, height = encode_preview(latent.rgb, preview.format, max_side)
+        else:
+            assert self.latent_rgb is not None, "image previews were checked at submit"
+            data, width, height = rgb_preview(
+                latent.array().astype(np.float32), self.latent_rgb, preview.format, max_side
+            )
         return ImagePreview(
             id=self.job.id, step=step, format=preview.format, width=width, height=height, data=data
         )

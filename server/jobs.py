@@ -19,7 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from latentcast.protocol import OutputRequest, PreviewRequest
+from PIL import Image
+
+from latentcast.protocol import GenerationMode, OutputRequest, PreviewRequest
+from latentcast.protocol.limits import DEFAULT_STRENGTH
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -42,7 +45,7 @@ class StopReason(enum.Enum):
     SHUTDOWN = "shutdown"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GenerationRequest:
     """A submit's params with every default resolved: what the engine runs."""
 
@@ -57,6 +60,13 @@ class GenerationRequest:
     num_images: int
     preview: PreviewRequest = field(default_factory=PreviewRequest)
     output: OutputRequest = field(default_factory=OutputRequest)
+    mode: GenerationMode = "txt2img"
+    #: img2img / inpaint only: the decoded images, already at width x height.
+    init_image: Image.Image | None = None
+    mask: Image.Image | None = None
+    strength: float = DEFAULT_STRENGTH
+    #: (adapter name, scale) for this job only.
+    loras: tuple[tuple[str, float], ...] = ()
 
     def wants_preview(self, step: int, steps: int) -> bool:
         """Whether a preview is due after ``step`` of ``steps`` (PROTOCOL.md section 3)."""

@@ -143,7 +143,17 @@ def rgb_preview(
     Returns:
         ``(data, width, height)`` of the encoded preview.
     """
-    rgb = latent_to_rgb(latent, latent_rgb)
+    return encode_preview(latent_to_rgb(latent, latent_rgb), fmt, max_side, quality)
+
+
+def encode_preview(
+    rgb: np.ndarray, fmt: Literal["jpeg", "webp"], max_side: int | None, quality: int = 80
+) -> tuple[bytes, int, int]:
+    """uint8 [H, W, 3] -> (downscaled to ``max_side``) encoded preview.
+
+    Returns:
+        ``(data, width, height)`` of the encoded preview.
+    """
     height, width = rgb.shape[0], rgb.shape[1]
     image = Image.fromarray(rgb)
     new_width, new_height = fit_max_side(width, height, max_side)

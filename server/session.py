@@ -14,6 +14,7 @@ import secrets
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
+from PIL import Image
 from pydantic import BaseModel
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -27,6 +28,8 @@ from latentcast.protocol import (
     Defaults,
     Error,
     ErrorCode,
+    GenerationParams,
+    Limits,
     ModelInfo,
     ProtocolError,
     Submit,
@@ -35,15 +38,20 @@ from latentcast.protocol import (
     decode_client_message,
     encode_message,
 )
-from latentcast.protocol.limits import SEED_SPACE
+from latentcast.protocol.limits import DEFAULT_STRENGTH, SEED_SPACE
 
 from .config import ServerConfig
+from .images import BadImage, check_job_size, decode_image, default_size, fit
 from .jobs import GenerationRequest, Job, StopReason
 from .metrics import Metrics
 from .outbound import BufferClosed, OutboundBuffer
 from .scheduler import Scheduler
 
 logger = logging.getLogger("latentcast.session")
+
+#: An init image may have up to this many times the pixels of the largest job: it is
+#: scaled to the job size, and bigger uploads are refused unread (bad_image).
+INPUT_PIXELS_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,8 @@ class SessionContext:
     scheduler: Scheduler
     metrics: Metrics
     is_draining: Callable[[], bool]
+    #: Whether image previews can be made (latent_rgb factors or a preview decoder).
+    image_previews: bool = True
 
 
 class Session:
@@ -144,7 +154,7 @@ class Session:
         config = self.context.config
         try:
             async for frame in self.connection:
-                self._handle(frame)
+                await self._handle(frame)
                 if self._bad_frames >= config.max_bad_frames:
                     logger.warning(
                         "session=%s sent %d bad frames: closing", self.id, self._bad_frames
@@ -163,7 +173,7 @@ class Session:
         except ConnectionClosed:
             pass
 
-    def _handle(self, frame: bytes | str) -> None:
+    async def _handle(self, frame: bytes | str) -> None:
         try:
             message = decode_client_message(frame, self.context.rules)
         except ProtocolError as exc:
@@ -177,7 +187,7 @@ class Session:
             return
         try:
             if isinstance(message, Submit):
-                self._submit(message)
+                await self._submit(message)
             elif isinstance(message, Cancel):
                 self._cancel(message)
         except Exception as exc:
@@ -186,16 +196,29 @@ class Session:
                 Error(id=message.id, code=ErrorCode.INTERNAL, message=f"internal error: {exc}")
             )
 
-    def _reject(self, submit: Submit, code: ErrorCode, message: str) -> None:
+    def _reject(
+        self, submit: Submit, code: ErrorCode, message: str, field: str | None = None
+    ) -> None:
         logger.info("session=%s job=%s rejected: %s (%s)", self.id, submit.id, code, message)
         self.context.metrics.jobs.labels(outcome="rejected").inc()
-        self.send(Error(id=submit.id, code=code, message=message))
+        self.send(Error(id=submit.id, code=code, message=message, field=field))
 
-    def _submit(self, submit: Submit) -> None:
+    async def _submit(self, submit: Submit) -> None:
         """Checks in the order of PROTOCOL.md section 3, then queue and answer."""
         context = self.context
         scheduler = context.scheduler
         params = submit.params
+        defaults = context.defaults
+        steps = params.steps or defaults.steps
+        strength = params.strength if params.strength is not None else DEFAULT_STRENGTH
+        if params.init_image is not None and int(steps * strength) < 1:
+            return self._reject(
+                submit,
+                ErrorCode.INVALID_REQUEST,
+                f"params.strength {strength} leaves no step to run out of {steps} "
+                "(strength x steps must be at least 1)",
+                field="params.strength",
+            )
         if context.is_draining():
             return self._reject(submit, ErrorCode.DRAINING, "the server is shutting down")
         if submit.id in self.jobs:
@@ -205,6 +228,17 @@ class Session:
         unsupported = self._unsupported(submit)
         if unsupported is not None:
             return self._reject(submit, ErrorCode.UNSUPPORTED, unsupported)
+        init_image = mask = None
+        width, height = params.width or defaults.width, params.height or defaults.height
+        if params.init_image is not None:
+            try:
+                init_image, mask, width, height = await asyncio.to_thread(
+                    prepare_images, params, context.rules.limits
+                )
+            except BadImage as exc:
+                return self._reject(submit, ErrorCode.BAD_IMAGE, exc.message)
+            if context.is_draining():  # the drain may have begun while decoding
+                return self._reject(submit, ErrorCode.DRAINING, "the server is shutting down")
         replacing = self.jobs.get(submit.replaces) if submit.replaces is not None else None
         active = len(self.jobs) - (1 if replacing is not None else 0)
         if active >= context.rules.limits.max_jobs_per_session:
@@ -218,13 +252,12 @@ class Session:
             return self._reject(
                 submit, ErrorCode.QUEUE_FULL, f"the queue holds {scheduler.max_queue} jobs"
             )
-        defaults = context.defaults
         request = GenerationRequest(
             prompt=params.prompt,
             negative_prompt=params.negative_prompt,
-            width=params.width or defaults.width,
-            height=params.height or defaults.height,
-            steps=params.steps or defaults.steps,
+            width=width,
+            height=height,
+            steps=steps,
             guidance_scale=(
                 params.guidance_scale
                 if params.guidance_scale is not None
@@ -235,14 +268,20 @@ class Session:
             num_images=params.num_images,
             preview=submit.preview,
             output=submit.output,
+            mode=params.mode,
+            init_image=init_image,
+            mask=mask,
+            strength=strength,
+            loras=tuple((lora.name, lora.scale) for lora in params.loras),
         )
         job = Job(id=submit.id, owner=self, request=request)
         position = scheduler.submit(job, replacing=replacing)
         self.jobs[job.id] = job
         logger.info(
-            "session=%s job=%s accepted at position %d%s",
+            "session=%s job=%s accepted (%s) at position %d%s",
             self.id,
             job.id,
+            request.mode,
             position,
             f" replacing {submit.replaces}" if submit.replaces else "",
         )
@@ -250,13 +289,11 @@ class Session:
         return None
 
     def _unsupported(self, submit: Submit) -> str | None:
-        modes = self.context.model.modes
-        params = submit.params
-        if params.init_image is not None:
-            mode = "inpaint" if params.mask is not None else "img2img"
-            if mode not in modes:
-                return f"{mode} is not available with this model (modes: {', '.join(modes)})"
-        if submit.preview.kind == "image" and self.context.model.latent_rgb is None:
+        model = self.context.model
+        mode = submit.params.mode
+        if mode not in model.modes:
+            return f"{mode} is not available with this model (modes: {', '.join(model.modes)})"
+        if submit.preview.kind == "image" and not self.context.image_previews:
             return "image previews are not available for this model; ask for latent previews"
         return None
 
@@ -298,3 +335,29 @@ class Session:
         for job in list(self.jobs.values()):
             scheduler.stop(job, StopReason.DISCONNECT)
         scheduler.forget_session(self.id)
+
+
+def prepare_images(
+    params: GenerationParams, limits: Limits
+) -> tuple[Image.Image, Image.Image | None, int, int]:
+    """Decode init_image (and mask) and settle the job size; runs off the event loop.
+
+    Without params.width/height the size is the init image's, rounded down to a multiple
+    of 8; the images are then resampled to the job size when it differs.
+    """
+    assert params.init_image is not None
+    max_pixels = INPUT_PIXELS_FACTOR * limits.max_width * limits.max_height
+    init = decode_image(params.init_image, field="params.init_image", max_pixels=max_pixels)
+    mask = None
+    if params.mask is not None:
+        mask = decode_image(params.mask, field="params.mask", max_pixels=max_pixels, mode="L")
+        if mask.size != init.size:
+            raise BadImage(
+                f"params.mask is {mask.width}x{mask.height} but params.init_image is "
+                f"{init.width}x{init.height}: they must be the same size"
+            )
+    implied_width, implied_height = default_size(init)
+    width = params.width or implied_width
+    height = params.height or implied_height
+    check_job_size(width, height, max_width=limits.max_width, max_height=limits.max_height)
+    return fit(init, width, height), fit(mask, width, height) if mask else None, width, height

@@ -197,7 +197,7 @@ async def test_job_level_errors(start_server) -> None:
             "a": "duplicate_id",
             "c": "too_many_jobs",
             "zzz": "unknown_job",
-            "img": "unsupported",
+            "img": "bad_image",
         }
         await client.close()
 

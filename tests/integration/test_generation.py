@@ -31,7 +31,7 @@ async def test_welcome_describes_the_model_limits_and_defaults(start_server) -> 
         assert welcome.session
         assert welcome.model.name == "tiny"
         assert welcome.model.family == "sd1"
-        assert welcome.model.modes == ["txt2img"]
+        assert welcome.model.modes == ["txt2img", "img2img", "inpaint"]
         assert welcome.defaults.scheduler in welcome.model.schedulers
         assert welcome.model.latent_channels == 4
         assert welcome.model.vae_scale_factor == 8

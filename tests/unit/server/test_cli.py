@@ -303,7 +303,7 @@ def test_every_protocol_option_exists() -> None:
     flags = {option.flag for option in SERVE_OPTIONS}
     assert set(PROTOCOL_OPTIONS) <= flags
     repeatable = {option.flag for option in SERVE_OPTIONS if option.repeatable}
-    assert repeatable == {"--token", "--allow-origin"}
+    assert repeatable == {"--token", "--allow-origin", "--lora"}
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -389,3 +389,16 @@ def test_limits_maps_fields() -> None:
         max_message_bytes=2**21,
         max_bad_frames=4,
     )
+
+
+def test_loras_parse_as_name_equals_path(tmp_path: Path) -> None:
+    args = build_parser().parse_args(
+        ["serve", "--lora", f"style={tmp_path / 'a.safetensors'}", "--lora", "ink=b"]
+    )
+    config = config_from(args, {})
+    assert config.lora_paths() == {"style": tmp_path / "a.safetensors", "ink": Path("b")}
+    env = config_from(build_parser().parse_args(["serve"]), {"LATENTCAST_LORA": "a=x,b=y"})
+    assert env.lora_paths() == {"a": Path("x"), "b": Path("y")}
+    for bad in ("noequals", "=path", "dup=a,dup=b", "bad name=x"):
+        with pytest.raises(ValidationError):
+            config_from(build_parser().parse_args(["serve"]), {"LATENTCAST_LORA": bad})
