@@ -12,6 +12,7 @@ import hmac
 import http
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -65,9 +66,9 @@ class HttpFront:
             if not self._authorized(request, url.query):
                 return _unauthorized()
             return _response(http.HTTPStatus.OK, CONTENT_TYPE, self._metrics.render())
-        if path in ("/", "/index.html"):
-            page = resources.files("latentcast.server").joinpath("static/index.html").read_bytes()
-            return _response(http.HTTPStatus.OK, "text/html; charset=utf-8", page)
+        static = _static_file("index.html" if path == "/" else path[1:])
+        if static is not None:
+            return static
         return _response(http.HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found\n")
 
     def _handshake(self, request: Request, query: str) -> Response | None:
@@ -108,6 +109,34 @@ class HttpFront:
             for token in self._tokens:
                 matched |= hmac.compare_digest(candidate, token)
         return matched
+
+
+# The browser client's built assets (clients/web -> server/static), served at the root.
+# A name is one path segment of safe characters with one of these suffixes, looked up
+# directly inside the static folder: no slashes, no "..", no hidden files.
+_STATIC_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+}
+_STATIC_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
+
+
+def _static_file(name: str) -> Response | None:
+    """The asset ``name`` from server/static, or None when there is no such asset."""
+    suffix = name[name.rfind(".") :] if "." in name else ""
+    if suffix not in _STATIC_TYPES or not _STATIC_NAME.fullmatch(name) or ".." in name:
+        return None
+    asset = resources.files("latentcast.server").joinpath("static").joinpath(name)
+    try:
+        if not asset.is_file():
+            return None
+        body = asset.read_bytes()
+    except OSError:
+        return None
+    response = _response(http.HTTPStatus.OK, _STATIC_TYPES[suffix], body)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
 
 
 def _response(

@@ -1,0 +1,663 @@
+// latentcast browser client: one page, one WebSocket, MessagePack frames (PROTOCOL.md v1).
+//
+// The page follows one job at a time (the "current" job). Generate, and every debounced
+// edit in live mode, submits a new job that `replaces` the current one when that is still
+// unfinished, so the engine never works on a picture nobody looks at.
+//
+// Hooks for tests and curious people: body[data-conn] is connecting|open|closed;
+// #status[data-state] is idle|submitting|queued|running|complete|cancelled|error;
+// #preview[data-step] and [data-previews] change each time a preview is drawn;
+// window.latentcast.latentToRgba is the pure latent decoder.
+
+import { Decoder, Encoder } from "@msgpack/msgpack";
+
+const encoder = new Encoder({ ignoreUndefined: true });
+const decoder = new Decoder();
+
+const $ = (id) => document.getElementById(id);
+const el = {
+  form: $("form"),
+  prompt: $("prompt"),
+  negative: $("negative"),
+  steps: $("steps"),
+  width: $("width"),
+  height: $("height"),
+  seed: $("seed"),
+  scheduler: $("scheduler"),
+  guidance: $("guidance"),
+  guidanceOut: $("guidance-out"),
+  previewKind: $("preview-kind"),
+  live: $("live"),
+  img2img: $("img2img"),
+  useSketch: $("use-sketch"),
+  sketch: $("sketch"),
+  brushColor: $("brush-color"),
+  brushSize: $("brush-size"),
+  bgColor: $("bg-color"),
+  sketchClear: $("sketch-clear"),
+  sketchLoad: $("sketch-load"),
+  sketchResult: $("sketch-result"),
+  sketchFile: $("sketch-file"),
+  strength: $("strength"),
+  strengthOut: $("strength-out"),
+  generate: $("generate"),
+  cancel: $("cancel"),
+  stage: $("stage"),
+  preview: $("preview"),
+  result: $("result"),
+  progress: $("progress"),
+  status: $("status"),
+  download: $("download"),
+  connText: $("conn-text"),
+};
+
+const LIVE_DEBOUNCE_MS = 250;
+const TERMINAL = new Set(["complete", "cancelled", "error"]);
+// Form fields by the dotted path an invalid_request error names.
+const FIELD_INPUTS = {
+  "params.prompt": "prompt",
+  "params.negative_prompt": "negative",
+  "params.steps": "steps",
+  "params.width": "width",
+  "params.height": "height",
+  "params.seed": "seed",
+  "params.scheduler": "scheduler",
+  "params.guidance_scale": "guidance",
+  "params.strength": "strength",
+  "params.init_image": "sketch",
+};
+
+const token = new URLSearchParams(location.search).get("token");
+
+const app = {
+  ws: null,
+  welcome: null,
+  retries: 0,
+  counter: 0,
+  submitGeneration: 0,
+  current: null, // {id, state, steps, seed, width, height, format}
+  unfinished: new Set(),
+  pendingPreview: null,
+  frameRequested: false,
+  resultUrl: null,
+  liveTimer: 0,
+};
+
+// ------------------------------------------------------------------ connection
+
+function wsUrl() {
+  // Relative to the page, so that the client also works behind a path prefix.
+  const url = new URL("v1/ws", location.href);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  url.search = "";
+  url.hash = "";
+  if (token) url.searchParams.set("token", token);
+  return url.href;
+}
+
+function setConn(state, text) {
+  document.body.dataset.conn = state;
+  el.connText.textContent = text;
+}
+
+function connect() {
+  setConn("connecting", "connecting…");
+  let opened = false;
+  const ws = new WebSocket(wsUrl());
+  ws.binaryType = "arraybuffer";
+  app.ws = ws;
+  ws.onopen = () => {
+    opened = true;
+  };
+  ws.onmessage = (event) => {
+    if (typeof event.data === "string") return; // the protocol is binary only
+    let message;
+    try {
+      message = decoder.decode(new Uint8Array(event.data));
+    } catch (error) {
+      console.warn("latentcast: undecodable frame", error);
+      return;
+    }
+    if (message && typeof message === "object" && typeof message.type === "string") {
+      handle(message);
+    }
+  };
+  ws.onclose = (event) => {
+    if (app.ws !== ws) return;
+    app.ws = null;
+    app.welcome = null;
+    el.generate.disabled = true;
+    app.unfinished.clear();
+    if (app.current && !TERMINAL.has(app.current.state)) {
+      setJobState("error", "The connection closed before the job ended.");
+    }
+    el.cancel.disabled = true;
+    const delay = Math.min(10_000, 500 * 2 ** app.retries++);
+    const retry = `retrying in ${Math.round(delay / 1000)} s`;
+    setTimeout(connect, delay);
+    if (opened) {
+      setConn("closed", `disconnected (${event.code || "no code"}); ${retry}`);
+      return;
+    }
+    // A browser does not tell why an upgrade was refused; /ready tells loading or draining
+    // (503) apart from the rest: a token (401), the origin (403) or the connection limit.
+    setConn("closed", `cannot connect; ${retry}`);
+    whyRefused().then((why) => {
+      if (!app.ws || app.ws.readyState !== WebSocket.OPEN) setConn("closed", `${why}; ${retry}`);
+    });
+  };
+}
+
+async function whyRefused() {
+  try {
+    const response = await fetch(new URL("ready", location.href), { cache: "no-store" });
+    const body = await response.json();
+    if (!body.ready) return `server not ready (${body.reason || "unavailable"})`;
+  } catch {
+    return "server unreachable";
+  }
+  if (token) return "connection refused: wrong token, origin not allowed, or server full";
+  return "connection refused: if the server needs a token, open this page with ?token=…";
+}
+
+function send(message) {
+  if (!app.ws || app.ws.readyState !== WebSocket.OPEN) return false;
+  app.ws.send(encoder.encode(message));
+  return true;
+}
+
+// ------------------------------------------------------------------ server messages
+
+function handle(message) {
+  const job = app.current && message.id === app.current.id ? app.current : null;
+  switch (message.type) {
+    case "welcome":
+      onWelcome(message);
+      return;
+    case "draining":
+      setConn("open", "server is shutting down: no new jobs");
+      el.generate.disabled = true;
+      return;
+    case "accepted":
+    case "queued":
+      if (job && job.state !== "running" && !TERMINAL.has(job.state)) {
+        const ahead = message.position;
+        setJobState("queued", ahead > 0 ? `Queued: ${ahead} job(s) ahead.` : "Starting…");
+      }
+      return;
+    case "started":
+      if (job) onStarted(job, message);
+      return;
+    case "progress":
+      if (job && job.state === "running") {
+        el.progress.max = message.steps;
+        el.progress.value = message.step;
+        el.status.textContent = `Step ${message.step}/${message.steps} · ${(message.elapsed_ms / 1000).toFixed(1)} s · seed ${job.seed}`;
+      }
+      return;
+    case "preview":
+      if (job && job.state === "running") {
+        app.pendingPreview = message;
+        requestFrame();
+      }
+      return;
+    case "complete":
+      app.unfinished.delete(message.id);
+      if (job) onComplete(job, message);
+      return;
+    case "cancelled":
+      app.unfinished.delete(message.id);
+      if (job) {
+        const why = message.reason === "client" ? "" : ` (${message.reason})`;
+        setJobState("cancelled", `Cancelled at step ${message.step}${why}.`);
+      }
+      return;
+    case "error":
+      onError(job, message);
+      return;
+    default:
+      return; // unknown types are ignored, as are unknown keys
+  }
+}
+
+function onWelcome(welcome) {
+  app.welcome = welcome;
+  app.retries = 0;
+  const { model, limits, defaults } = welcome;
+  setConn("open", `${model.name} (${model.family}) · ${welcome.server}`);
+
+  const previous = el.scheduler.value;
+  el.scheduler.replaceChildren(
+    ...model.schedulers.map((name) => new Option(name, name, false, name === defaults.scheduler)),
+  );
+  if (model.schedulers.includes(previous)) el.scheduler.value = previous;
+
+  el.steps.max = limits.max_steps;
+  el.width.max = limits.max_width;
+  el.height.max = limits.max_height;
+  if (!el.form.dataset.initialised) {
+    // First welcome: the server's defaults. Later ones (reconnects) keep the user's values.
+    el.form.dataset.initialised = "1";
+    el.steps.value = defaults.steps;
+    el.width.value = defaults.width;
+    el.height.value = defaults.height;
+    el.guidance.value = defaults.guidance_scale;
+    el.guidanceOut.value = Number(defaults.guidance_scale).toFixed(1);
+    resizeSketch();
+  }
+  const latentOption = el.previewKind.querySelector('option[value="latent"]');
+  latentOption.disabled = !model.latent_rgb;
+  if (!model.latent_rgb && el.previewKind.value === "latent") el.previewKind.value = "image";
+
+  const canImg2img = model.modes.includes("img2img");
+  el.img2img.disabled = !canImg2img;
+  if (!canImg2img) el.useSketch.checked = false;
+  el.generate.disabled = false;
+}
+
+function onStarted(job, message) {
+  job.state = "running";
+  job.steps = message.steps;
+  job.seed = message.seed;
+  job.width = message.width;
+  job.height = message.height;
+  if (el.preview.width !== message.width || el.preview.height !== message.height) {
+    el.preview.width = message.width;
+    el.preview.height = message.height;
+  }
+  el.progress.max = Math.max(1, message.steps);
+  el.progress.value = 0;
+  setJobState("running", `Step 0/${message.steps} · seed ${message.seed}`);
+}
+
+async function onComplete(job, message) {
+  job.state = "finishing"; // no preview is drawn over the result any more
+  const image = message.images[0];
+  const type = `image/${image.format}`;
+  const blob = new Blob([image.data], { type });
+  if (app.resultUrl) URL.revokeObjectURL(app.resultUrl);
+  app.resultUrl = URL.createObjectURL(blob);
+  el.result.width = image.width;
+  el.result.height = image.height;
+  el.result.src = app.resultUrl;
+  try {
+    await el.result.decode();
+  } catch {
+    // shown anyway; the browser says why in its console
+  }
+  if (app.current !== job) return;
+  el.progress.value = el.progress.max;
+  el.result.hidden = false;
+  el.stage.classList.add("done", "started");
+  el.download.href = app.resultUrl;
+  el.download.download = `latentcast-${image.seed}.${image.format === "jpeg" ? "jpg" : image.format}`;
+  el.download.textContent = `Download ${image.format.toUpperCase()}`;
+  el.download.hidden = false;
+  el.sketchResult.disabled = false;
+  const { queued_ms, run_ms } = message.timings;
+  setJobState(
+    "complete",
+    `Done: ${image.width}×${image.height}, seed ${image.seed}, ${(run_ms / 1000).toFixed(1)} s` +
+      (queued_ms > 50 ? ` (+${(queued_ms / 1000).toFixed(1)} s queued)` : ""),
+  );
+}
+
+function onError(job, message) {
+  if (typeof message.id === "string") app.unfinished.delete(message.id);
+  if (job) {
+    if (message.field && FIELD_INPUTS[message.field]) {
+      $(FIELD_INPUTS[message.field]).classList.add("invalid");
+    }
+    const where = message.field ? ` [${message.field}]` : "";
+    setJobState("error", `${message.code}${where}: ${message.message}`);
+  } else if (message.id == null) {
+    console.warn("latentcast: server error", message);
+  }
+}
+
+function setJobState(state, text) {
+  if (app.current) app.current.state = state;
+  el.status.dataset.state = state;
+  el.status.textContent = text;
+  const active = !TERMINAL.has(state) && state !== "idle";
+  el.cancel.disabled = !active;
+}
+
+// ------------------------------------------------------------------ previews
+
+function requestFrame() {
+  if (app.frameRequested) return;
+  app.frameRequested = true;
+  requestAnimationFrame(() => {
+    app.frameRequested = false;
+    const message = app.pendingPreview;
+    app.pendingPreview = null;
+    if (message) drawPreview(message);
+  });
+}
+
+async function drawPreview(message) {
+  const job = app.current;
+  if (!job || message.id !== job.id || job.state !== "running") return;
+  let source;
+  if (message.kind === "latent") {
+    source = latentToCanvas(message);
+  } else if (message.kind === "image") {
+    try {
+      source = await createImageBitmap(new Blob([message.data], { type: `image/${message.format}` }));
+    } catch (error) {
+      console.warn("latentcast: undecodable preview", error);
+      return;
+    }
+    // A later preview may have been drawn while this one decoded.
+    if (app.current !== job || job.state !== "running" || message.step < job.drawnStep) return;
+  }
+  if (!source) return;
+  const ctx = el.preview.getContext("2d");
+  ctx.imageSmoothingEnabled = true;
+  ctx.imageSmoothingQuality = "high";
+  ctx.drawImage(source, 0, 0, el.preview.width, el.preview.height);
+  if (source.close) source.close();
+  job.drawnStep = message.step;
+  el.result.hidden = true;
+  el.download.hidden = true;
+  el.stage.classList.remove("done");
+  el.stage.classList.add("started");
+  el.preview.dataset.step = String(message.step);
+  el.preview.dataset.previews = String(Number(el.preview.dataset.previews) + 1);
+}
+
+let halfTable = null;
+
+// float16 bit pattern -> number, for all 65536 patterns (built on first use).
+function halfToFloatTable() {
+  if (halfTable) return halfTable;
+  halfTable = new Float32Array(65536);
+  for (let bits = 0; bits < 65536; bits++) {
+    const sign = bits & 0x8000 ? -1 : 1;
+    const exponent = (bits >> 10) & 0x1f;
+    const fraction = bits & 0x3ff;
+    let value;
+    if (exponent === 0) value = fraction * 2 ** -24;
+    else if (exponent === 31) value = fraction ? Number.NaN : Number.POSITIVE_INFINITY;
+    else value = (1 + fraction / 1024) * 2 ** (exponent - 15);
+    halfTable[bits] = sign * value;
+  }
+  return halfTable;
+}
+
+const latentCanvas = document.createElement("canvas");
+
+// Raw little-endian float16 [c, h, w] latent -> RGBA bytes of h x w pixels, with the
+// model's latent_rgb: v = sum_c latent[c] * factors[c][k] + bias[k], clamped to -1..1,
+// then round((v + 1) * 127.5). Null when the shape, dtype or size does not fit.
+function latentToRgba(shape, data, rgb, dtype = "float16") {
+  const [channels, height, width] = shape;
+  if (!rgb || dtype !== "float16" || rgb.factors.length !== channels) return null;
+  const plane = height * width;
+  if (!(plane > 0) || data.length !== channels * plane * 2) return null;
+  const table = halfToFloatTable();
+  const { factors, bias } = rgb;
+  const pixels = new Uint8ClampedArray(plane * 4);
+  for (let p = 0; p < plane; p++) {
+    let r = bias[0];
+    let g = bias[1];
+    let b = bias[2];
+    for (let c = 0; c < channels; c++) {
+      const i = (c * plane + p) * 2;
+      const v = table[data[i] | (data[i + 1] << 8)];
+      const f = factors[c];
+      r += v * f[0];
+      g += v * f[1];
+      b += v * f[2];
+    }
+    const o = p * 4;
+    pixels[o] = toByte(r);
+    pixels[o + 1] = toByte(g);
+    pixels[o + 2] = toByte(b);
+    pixels[o + 3] = 255;
+  }
+  return pixels;
+}
+
+function latentToCanvas(message) {
+  const rgb = app.welcome && app.welcome.model.latent_rgb;
+  const pixels = latentToRgba(message.shape, message.data, rgb, message.dtype);
+  if (!pixels) {
+    console.warn("latentcast: latent preview does not fit the model's latent_rgb", message.shape);
+    return null;
+  }
+  const [, height, width] = message.shape;
+  latentCanvas.width = width;
+  latentCanvas.height = height;
+  latentCanvas.getContext("2d").putImageData(new ImageData(pixels, width, height), 0, 0);
+  return latentCanvas;
+}
+
+function toByte(v) {
+  if (!(v > -1)) return v > 0 ? 255 : 0; // -1 and below, and NaN
+  return v >= 1 ? 255 : Math.round((v + 1) * 127.5);
+}
+
+// ------------------------------------------------------------------ submitting
+
+function readInt(input, fallback) {
+  const value = input.value.trim();
+  if (value === "") return fallback;
+  const number = Number(value);
+  return Number.isInteger(number) ? number : Number.NaN;
+}
+
+async function submit() {
+  if (!app.welcome) return;
+  const generation = ++app.submitGeneration;
+  for (const node of el.form.querySelectorAll(".invalid")) node.classList.remove("invalid");
+
+  const params = {
+    prompt: el.prompt.value,
+    negative_prompt: el.negative.value || undefined,
+    steps: readInt(el.steps, undefined),
+    width: readInt(el.width, undefined),
+    height: readInt(el.height, undefined),
+    seed: readInt(el.seed, undefined),
+    guidance_scale: Number(el.guidance.value),
+    scheduler: el.scheduler.value || undefined,
+  };
+  // Refuse what the server would refuse, without a round trip.
+  for (const [key, input] of [["steps", el.steps], ["width", el.width], ["height", el.height], ["seed", el.seed]]) {
+    if (Number.isNaN(params[key])) {
+      input.classList.add("invalid");
+      return;
+    }
+  }
+  if (el.useSketch.checked && !el.img2img.disabled) {
+    params.init_image = await sketchPng(params.width, params.height);
+    params.strength = Number(el.strength.value);
+    // Only the newest of overlapping submits (live mode) goes out.
+    if (generation !== app.submitGeneration) return;
+  }
+  const kind = el.previewKind.value;
+  const message = {
+    type: "submit",
+    id: `w${++app.counter}-${Date.now().toString(36)}`,
+    params,
+    preview: kind === "none" ? undefined : { kind, every: 1 },
+  };
+  const previous = app.current;
+  if (previous && app.unfinished.has(previous.id)) message.replaces = previous.id;
+  if (!send(message)) return;
+
+  app.unfinished.add(message.id);
+  app.current = { id: message.id, state: "submitting", drawnStep: 0 };
+  el.status.dataset.job = message.id;
+  app.pendingPreview = null;
+  el.preview.dataset.previews = "0";
+  el.preview.dataset.step = "0";
+  el.progress.value = 0;
+  setJobState("submitting", "Submitted…");
+}
+
+function cancel() {
+  const job = app.current;
+  if (job && app.unfinished.has(job.id)) send({ type: "cancel", id: job.id });
+}
+
+function liveChanged() {
+  if (!el.live.checked || !app.welcome) return;
+  clearTimeout(app.liveTimer);
+  app.liveTimer = setTimeout(submit, LIVE_DEBOUNCE_MS);
+}
+
+// ------------------------------------------------------------------ sketch (img2img)
+
+const SKETCH_SIDE = 256;
+const sketchCtx = el.sketch.getContext("2d");
+
+function fillBackground() {
+  sketchCtx.fillStyle = el.bgColor.value;
+  sketchCtx.fillRect(0, 0, el.sketch.width, el.sketch.height);
+}
+
+// The sketch keeps the job's aspect ratio; what is drawn is scaled along.
+function resizeSketch() {
+  const w = Number(el.width.value) || SKETCH_SIDE;
+  const h = Number(el.height.value) || SKETCH_SIDE;
+  const scale = SKETCH_SIDE / Math.max(w, h);
+  const width = Math.max(8, Math.round(w * scale));
+  const height = Math.max(8, Math.round(h * scale));
+  if (width === el.sketch.width && height === el.sketch.height) return;
+  const copy = document.createElement("canvas");
+  copy.width = el.sketch.width;
+  copy.height = el.sketch.height;
+  copy.getContext("2d").drawImage(el.sketch, 0, 0);
+  el.sketch.width = width;
+  el.sketch.height = height;
+  fillBackground();
+  sketchCtx.drawImage(copy, 0, 0, width, height);
+}
+
+function sketchPng(width, height) {
+  const canvas = document.createElement("canvas");
+  canvas.width = width || el.sketch.width;
+  canvas.height = height || el.sketch.height;
+  const ctx = canvas.getContext("2d");
+  ctx.imageSmoothingQuality = "high";
+  ctx.drawImage(el.sketch, 0, 0, canvas.width, canvas.height);
+  return new Promise((resolve, reject) => {
+    canvas.toBlob((blob) => {
+      if (!blob) reject(new Error("the sketch could not be encoded"));
+      else blob.arrayBuffer().then((buffer) => resolve(new Uint8Array(buffer)), reject);
+    }, "image/png");
+  });
+}
+
+function drawCover(image) {
+  fillBackground();
+  const { width, height } = el.sketch;
+  const scale = Math.max(width / image.width, height / image.height);
+  const w = image.width * scale;
+  const h = image.height * scale;
+  sketchCtx.drawImage(image, (width - w) / 2, (height - h) / 2, w, h);
+}
+
+let stroke = null;
+
+function sketchPoint(event) {
+  const box = el.sketch.getBoundingClientRect();
+  return {
+    x: ((event.clientX - box.left) / box.width) * el.sketch.width,
+    y: ((event.clientY - box.top) / box.height) * el.sketch.height,
+  };
+}
+
+el.sketch.addEventListener("pointerdown", (event) => {
+  el.sketch.setPointerCapture(event.pointerId);
+  stroke = sketchPoint(event);
+  sketchCtx.lineCap = "round";
+  sketchCtx.lineJoin = "round";
+  sketchCtx.strokeStyle = el.brushColor.value;
+  sketchCtx.fillStyle = el.brushColor.value;
+  sketchCtx.lineWidth = Number(el.brushSize.value);
+  sketchCtx.beginPath();
+  sketchCtx.arc(stroke.x, stroke.y, sketchCtx.lineWidth / 2, 0, Math.PI * 2);
+  sketchCtx.fill();
+});
+el.sketch.addEventListener("pointermove", (event) => {
+  if (!stroke) return;
+  const point = sketchPoint(event);
+  sketchCtx.beginPath();
+  sketchCtx.moveTo(stroke.x, stroke.y);
+  sketchCtx.lineTo(point.x, point.y);
+  sketchCtx.stroke();
+  stroke = point;
+});
+for (const type of ["pointerup", "pointercancel"]) {
+  el.sketch.addEventListener(type, () => {
+    if (!stroke) return;
+    stroke = null;
+    if (el.useSketch.checked) liveChanged();
+  });
+}
+el.sketchClear.addEventListener("click", () => {
+  fillBackground();
+  if (el.useSketch.checked) liveChanged();
+});
+el.bgColor.addEventListener("change", () => {
+  fillBackground();
+  if (el.useSketch.checked) liveChanged();
+});
+el.sketchLoad.addEventListener("click", () => el.sketchFile.click());
+el.sketchFile.addEventListener("change", async () => {
+  const file = el.sketchFile.files[0];
+  if (!file) return;
+  try {
+    const bitmap = await createImageBitmap(file);
+    drawCover(bitmap);
+    bitmap.close();
+    el.useSketch.checked = true;
+    liveChanged();
+  } catch (error) {
+    el.status.textContent = `That image could not be read: ${error.message}`;
+  }
+  el.sketchFile.value = "";
+});
+el.sketchResult.addEventListener("click", () => {
+  if (!el.result.complete || !el.result.naturalWidth) return;
+  drawCover(el.result);
+  el.useSketch.checked = true;
+  liveChanged();
+});
+
+// ------------------------------------------------------------------ wiring
+
+el.form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  clearTimeout(app.liveTimer);
+  submit();
+});
+el.cancel.addEventListener("click", cancel);
+el.prompt.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+    event.preventDefault();
+    el.form.requestSubmit();
+  }
+});
+el.guidance.addEventListener("input", () => {
+  el.guidanceOut.value = Number(el.guidance.value).toFixed(1);
+});
+el.strength.addEventListener("input", () => {
+  el.strengthOut.value = Number(el.strength.value).toFixed(2);
+});
+for (const input of [el.width, el.height]) input.addEventListener("change", resizeSketch);
+// Live mode: typing re-submits (debounced); other fields when they are changed.
+for (const input of [el.prompt, el.negative]) input.addEventListener("input", liveChanged);
+for (const input of [el.steps, el.width, el.height, el.seed, el.scheduler, el.guidance, el.previewKind, el.strength, el.useSketch]) {
+  input.addEventListener("change", liveChanged);
+}
+el.live.addEventListener("change", liveChanged);
+
+// For tests and the console: the pure latent decoder.
+window.latentcast = { latentToRgba };
+
+fillBackground();
+connect();
