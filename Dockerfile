@@ -1,9 +1,7 @@
-# syntax=docker/dockerfile:1
-#
 # latentcast server image. docs/deploy.md explains how to run it; in short:
 #
 #   GPU (default):  docker build -t latentcast .
-#                   docker run --gpus all -p 8765:8765 --stop-timeout 40 \
+#                   docker run --gpus all -p 8765:8765 --stop-timeout 45 \
 #                       -v latentcast-cache:/cache latentcast
 #   CPU:            docker build -t latentcast:cpu \
 #                       --build-arg BASE_IMAGE=ubuntu:24.04 --build-arg TORCH_INDEX=cpu .
@@ -100,13 +98,14 @@ EXPOSE 8765
 # Healthy once the model is loaded (GET /ready answers 200); unhealthy again while draining.
 # Loading a real model can take minutes: failures during --start-period do not count.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('LATENTCAST_PORT', '8765') + '/ready', timeout=4)"]
+    CMD ["python", "-c", "import os, sys, urllib.request\nport = os.environ.get('LATENTCAST_PORT', '8765')\ntry:\n    urllib.request.urlopen(f'http://127.0.0.1:{port}/ready', timeout=4)\nexcept Exception as exc:\n    sys.exit(f'not ready: {exc}')"]
 
 # SIGTERM goes straight to the server (exec form, no shell in between) and starts the
 # drain: jobs may run on for --drain-timeout (LATENTCAST_DRAIN_TIMEOUT) seconds, then
 # connections get up to 5 s to read before the close. Give the container longer than
-# that to stop: docker run/stop --stop-timeout 40 (Docker's default is 10 s), Compose
-# stop_grace_period: 40s, Kubernetes terminationGracePeriodSeconds: 40.
+# that (plus the step in flight) to stop: docker run/stop --stop-timeout 45 (Docker's
+# default is 10 s), Compose stop_grace_period: 45s, Kubernetes
+# terminationGracePeriodSeconds: 45.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["latentcast", "serve"]
 CMD ["--host", "0.0.0.0"]

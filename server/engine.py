@@ -157,12 +157,12 @@ class Engine:
         """
         model = self.model
         pipeline.scheduler = model.make_scheduler(request.scheduler)
-        pipeline.scheduler.set_timesteps(request.steps)
+        pipeline.scheduler.set_timesteps(request.schedule_steps)
         if request.mode == "txt2img":
             steps = len(pipeline.scheduler.timesteps)
         else:
             # The pipeline's own rule for how much of the schedule strength skips.
-            timesteps, _ = pipeline.get_timesteps(request.steps, request.strength, "cpu")
+            timesteps, _ = pipeline.get_timesteps(request.schedule_steps, request.strength, "cpu")
             steps = len(timesteps)
         pipeline.scheduler = model.make_scheduler(request.scheduler)
         return steps
@@ -231,7 +231,7 @@ class Engine:
         arguments: dict[str, Any] = {
             "prompt": request.prompt,
             "negative_prompt": request.negative_prompt,
-            "num_inference_steps": request.steps,
+            "num_inference_steps": request.schedule_steps,
             "guidance_scale": request.guidance_scale,
             "num_images_per_prompt": request.num_images,
             # CPU generators: the same noise on every device, image k from seed + k.

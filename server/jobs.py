@@ -68,6 +68,20 @@ class GenerationRequest:
     #: (adapter name, scale) for this job only.
     loras: tuple[tuple[str, float], ...] = ()
 
+    @property
+    def schedule_steps(self) -> int:
+        """``num_inference_steps`` for the pipeline.
+
+        img2img and inpaint run ``int(steps * strength)`` of a ``steps``-long schedule;
+        when that would be 0 (1 step at strength 0.5, say) the schedule is lengthened just
+        enough that one step runs, rather than refusing a request the protocol allows.
+        """
+        steps = self.steps
+        if self.mode != "txt2img":
+            while int(steps * self.strength) < 1:
+                steps += 1
+        return steps
+
     def wants_preview(self, step: int, steps: int) -> bool:
         """Whether a preview is due after ``step`` of ``steps`` (PROTOCOL.md section 3)."""
         return self.preview.kind != "none" and step < steps and step % self.preview.every == 0

@@ -43,7 +43,7 @@ class Metrics:
         )
         self.job_seconds = Histogram(
             "latentcast_job_seconds",
-            "Wall time from started to the job's end.",
+            "Wall time from started to complete (completed jobs only).",
             buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
             registry=self.registry,
         )

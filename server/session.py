@@ -211,14 +211,6 @@ class Session:
         defaults = context.defaults
         steps = params.steps or defaults.steps
         strength = params.strength if params.strength is not None else DEFAULT_STRENGTH
-        if params.init_image is not None and int(steps * strength) < 1:
-            return self._reject(
-                submit,
-                ErrorCode.INVALID_REQUEST,
-                f"params.strength {strength} leaves no step to run out of {steps} "
-                "(strength x steps must be at least 1)",
-                field="params.strength",
-            )
         if context.is_draining():
             return self._reject(submit, ErrorCode.DRAINING, "the server is shutting down")
         if submit.id in self.jobs:

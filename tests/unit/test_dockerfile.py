@@ -289,6 +289,7 @@ def test_dockerignore_keeps_out_environments_caches_and_git() -> None:
         "server/__pycache__/app.cpython-311.pyc",
         "latentcast.egg-info/PKG-INFO",
         "tests/unit/test_dockerfile.py",
+        "clients/web/node_modules/ws/index.js",
     ):
         assert ignored(path, patterns), f"{path} would be sent to the Docker daemon"
 
