@@ -579,7 +579,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 _TINY_MERGE_WORDS = ("a", "an", "the", "of", "and", "in", "photo", "cat", "dog", "painting")
 
 
-def _build_tiny_tokenizer() -> CLIPTokenizer:
+def build_tiny_tokenizer() -> CLIPTokenizer:
     """A local byte-level BPE CLIP tokenizer: base alphabet + a few merges.
 
     Built from in-memory ``vocab``/``merges`` (transformers 5 builds a useless
@@ -665,7 +665,7 @@ def _build_tiny_sd1(unet_in_channels: int) -> dict[str, Any]:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    tokenizer = _build_tiny_tokenizer()
+    tokenizer = build_tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         unet = UNet2DConditionModel(
@@ -749,8 +749,8 @@ def build_tiny_sdxl_pipeline() -> DiffusionPipeline:
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    tokenizer = _build_tiny_tokenizer()
-    tokenizer_2 = _build_tiny_tokenizer()
+    tokenizer = build_tiny_tokenizer()
+    tokenizer_2 = build_tiny_tokenizer()
     hidden_1, hidden_2 = _TINY_SDXL_TEXT_HIDDEN
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(10)
