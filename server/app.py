@@ -231,6 +231,11 @@ class Server:
             metrics=self.metrics,
             is_draining=lambda: self.phase is not Phase.READY,
             image_previews=latent_rgb is not None or model.preview_decoder is not None,
+            scheduler_step_limits={
+                name: limit
+                for name in model.schedulers
+                if (limit := model.scheduler_step_limit(name)) is not None
+            },
         )
 
     async def wait_ready(self) -> None:

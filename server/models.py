@@ -385,6 +385,14 @@ class LoadedModel:
         built: DiffusionPipeline = pipeline
         return built
 
+    def scheduler_step_limit(self, name: str) -> int | None:
+        """Most ``num_inference_steps`` scheduler ``name`` accepts, if it has a limit.
+
+        lcm distils ``original_inference_steps`` (50) and refuses more.
+        """
+        limit = self.make_scheduler(name).config.get("original_inference_steps")
+        return int(limit) if limit else None
+
     def make_scheduler(self, name: str) -> SchedulerMixin:
         """Return a fresh scheduler instance of kind ``name`` for one job.
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
 
 from PIL import Image
 from pydantic import BaseModel
@@ -68,6 +68,8 @@ class SessionContext:
     is_draining: Callable[[], bool]
     #: Whether image previews can be made (latent_rgb factors or a preview decoder).
     image_previews: bool = True
+    #: Schedulers that refuse more than some number of steps (lcm: 50).
+    scheduler_step_limits: Mapping[str, int] = field(default_factory=dict)
 
 
 class Session:
@@ -211,6 +213,15 @@ class Session:
         defaults = context.defaults
         steps = params.steps or defaults.steps
         strength = params.strength if params.strength is not None else DEFAULT_STRENGTH
+        scheduler_name = params.scheduler or defaults.scheduler
+        step_limit = context.scheduler_step_limits.get(scheduler_name)
+        if step_limit is not None and steps > step_limit:
+            return self._reject(
+                submit,
+                ErrorCode.INVALID_REQUEST,
+                f"params.steps must be at most {step_limit} with scheduler {scheduler_name!r}",
+                field="params.steps",
+            )
         if context.is_draining():
             return self._reject(submit, ErrorCode.DRAINING, "the server is shutting down")
         if submit.id in self.jobs:
@@ -256,7 +267,7 @@ class Session:
                 else defaults.guidance_scale
             ),
             seed=params.seed if params.seed is not None else secrets.randbelow(SEED_SPACE),
-            scheduler=params.scheduler or defaults.scheduler,
+            scheduler=scheduler_name,
             num_images=params.num_images,
             preview=submit.preview,
             output=submit.output,

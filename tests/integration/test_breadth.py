@@ -168,6 +168,24 @@ async def test_a_strength_too_small_for_the_steps_still_runs_one_step(start_serv
         await client.close()
 
 
+async def test_lcm_refuses_more_steps_than_it_was_distilled_for(start_server) -> None:
+    async with start_server() as server:
+        client = await open_client(server.ws_url)
+        await client.send(
+            {
+                "type": "submit",
+                "id": "j",
+                "params": {"prompt": "x", "scheduler": "lcm", "steps": 51},
+            }
+        )
+        error = await client.recv()
+        assert (error.code, error.field, error.id) == ("invalid_request", "params.steps", "j")
+        assert "lcm" in error.message
+        messages = await run(client, "k", scheduler="lcm", steps=50, guidance_scale=1.0)
+        assert isinstance(messages[-1], Complete)
+        await client.close()
+
+
 async def test_a_long_prompt_runs_and_says_what_was_cut(start_server, model_name) -> None:
     async with start_server(model=model_name) as server:
         client = await open_client(server.ws_url)
