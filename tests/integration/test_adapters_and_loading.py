@@ -11,7 +11,7 @@ from latentcast.server.models import build_tiny_pipeline, build_tiny_sdxl_pipeli
 from tests.fixtures.loras import build_tiny_lora
 from tests.fixtures.single_file import save_sd1_single_file, save_sdxl_single_file
 from tests.fixtures.taesd import build_tiny_taesd
-from tests.integration.test_breadth import MODELS, run
+from tests.integration.test_breadth import MODELS, noise, png, run
 from tests.support import open_client
 
 
@@ -25,6 +25,11 @@ async def test_a_lora_applies_to_its_job_only(start_server, tmp_path: Path, mode
         styled = (await run(client, "styled", loras=[{"name": "style", "scale": 1.0}]))[-1]
         zero = (await run(client, "zero", loras=[{"name": "style", "scale": 0}]))[-1]
         after = (await run(client, "after"))[-1].images[0].data
+        # The same LoRA job between jobs of other kinds gives the same bytes.
+        await run(client, "img2img", init_image=png(noise(64, 64)), strength=0.5, steps=4)
+        await run(client, "dpm", scheduler="dpmpp_2m_karras", steps=3)
+        again = (await run(client, "again", loras=[{"name": "style", "scale": 1.0}]))[-1]
+        assert again.images[0].data == styled.images[0].data
         assert styled.images[0].data != before
         assert zero.images[0].data == before
         assert after == before, "the next job is unaffected"
