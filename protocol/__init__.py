@@ -9,6 +9,7 @@ from .codec import (
     decode_server_message,
     encode_message,
     unpack_frame,
+    validate_client_message,
 )
 from .errors import (
     FRAME_ERROR_CODES,
@@ -94,4 +95,5 @@ __all__ = [
     "decode_server_message",
     "encode_message",
     "unpack_frame",
+    "validate_client_message",
 ]

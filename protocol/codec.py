@@ -94,7 +94,17 @@ def _wire_type(value: Any) -> str:
 
 def decode_client_message(data: bytes | str, rules: SubmitRules | None = None) -> ClientMessage:
     """Decode and validate one client frame. Raises BadFrame, UnknownType or InvalidRequest."""
-    value = unpack_frame(data)
+    return validate_client_message(unpack_frame(data), rules)
+
+
+def validate_client_message(
+    value: dict[str, Any], rules: SubmitRules | None = None
+) -> ClientMessage:
+    """Validate an unpacked client map (string ``type``). Raises UnknownType or InvalidRequest.
+
+    A client can run this on what it is about to send, and get the very error (code,
+    field, message) the server would answer.
+    """
     message_id = value.get("id") if isinstance(value.get("id"), str) else None
     model = CLIENT_MESSAGE_TYPES.get(value["type"])
     if model is None:

@@ -50,7 +50,7 @@ from .images import composite
 from .jobs import GenerationRequest, Job
 from .metrics import Metrics
 from .models import LatentRGB, LoadedModel
-from .previews import encode_image, encode_preview, rgb_preview
+from .previews import encode_image, encode_preview, latent_to_fp16_bytes, rgb_preview
 from .scheduler import Scheduler, stopped_message
 
 logger = logging.getLogger("latentcast.engine")
@@ -126,14 +126,18 @@ class LatentSnapshot:
         else:
             self._host = first.to(dtype=torch.float16, copy=True)
 
-    def array(self) -> np.ndarray:
-        """The latent as float16 [c, h, w] in host memory."""
+    def _wait(self) -> torch.Tensor:
         if self._ready is not None:
             self._ready.synchronize()
-        return self._host.numpy()
+        return self._host
+
+    def array(self) -> np.ndarray:
+        """The latent as float16 [c, h, w] in host memory."""
+        return self._wait().numpy()
 
     def fp16_bytes(self) -> bytes:
-        return self.array().astype("<f2", copy=False).tobytes()
+        """The payload of a latent preview (PROTOCOL.md: little-endian float16, C order)."""
+        return latent_to_fp16_bytes(self._wait())
 
 
 class StepListener(Protocol):

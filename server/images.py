@@ -13,7 +13,12 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from latentcast.protocol import GenerationParams, Limits
 from latentcast.protocol.limits import MIN_SIDE, SIDE_MULTIPLE
+
+#: An init image may have up to this many times the pixels of the largest job: it is
+#: scaled to the job size, and bigger uploads are refused unread (bad_image).
+INPUT_PIXELS_FACTOR = 4
 
 #: The formats PROTOCOL.md allows for init_image and mask.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -90,3 +95,29 @@ def composite(generated: Image.Image, original: Image.Image, mask: Image.Image) 
     old = np.asarray(original.convert("RGB"), dtype=np.float32)
     blended = np.rint(old + (new - old) * weight).clip(0, 255).astype(np.uint8)
     return Image.fromarray(blended, "RGB")
+
+
+def prepare_images(
+    params: GenerationParams, limits: Limits
+) -> tuple[Image.Image, Image.Image | None, int, int]:
+    """Decode init_image (and mask) and settle the job size; runs off the event loop.
+
+    Without params.width/height the size is the init image's, rounded down to a multiple
+    of 8; the images are then resampled to the job size when it differs.
+    """
+    assert params.init_image is not None
+    max_pixels = INPUT_PIXELS_FACTOR * limits.max_width * limits.max_height
+    init = decode_image(params.init_image, field="params.init_image", max_pixels=max_pixels)
+    mask = None
+    if params.mask is not None:
+        mask = decode_image(params.mask, field="params.mask", max_pixels=max_pixels, mode="L")
+        if mask.size != init.size:
+            raise BadImage(
+                f"params.mask is {mask.width}x{mask.height} but params.init_image is "
+                f"{init.width}x{init.height}: they must be the same size"
+            )
+    implied_width, implied_height = default_size(init)
+    width = params.width or implied_width
+    height = params.height or implied_height
+    check_job_size(width, height, max_width=limits.max_width, max_height=limits.max_height)
+    return fit(init, width, height), fit(mask, width, height) if mask else None, width, height

@@ -14,7 +14,6 @@ import secrets
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 
-from PIL import Image
 from pydantic import BaseModel
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -28,8 +27,6 @@ from latentcast.protocol import (
     Defaults,
     Error,
     ErrorCode,
-    GenerationParams,
-    Limits,
     ModelInfo,
     ProtocolError,
     Submit,
@@ -41,17 +38,13 @@ from latentcast.protocol import (
 from latentcast.protocol.limits import DEFAULT_STRENGTH, SEED_SPACE
 
 from .config import ServerConfig
-from .images import BadImage, check_job_size, decode_image, default_size, fit
+from .images import BadImage, prepare_images
 from .jobs import GenerationRequest, Job, StopReason
 from .metrics import Metrics
 from .outbound import BufferClosed, OutboundBuffer
 from .scheduler import Scheduler
 
 logger = logging.getLogger("latentcast.session")
-
-#: An init image may have up to this many times the pixels of the largest job: it is
-#: scaled to the job size, and bigger uploads are refused unread (bad_image).
-INPUT_PIXELS_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -338,29 +331,3 @@ class Session:
         for job in list(self.jobs.values()):
             scheduler.stop(job, StopReason.DISCONNECT)
         scheduler.forget_session(self.id)
-
-
-def prepare_images(
-    params: GenerationParams, limits: Limits
-) -> tuple[Image.Image, Image.Image | None, int, int]:
-    """Decode init_image (and mask) and settle the job size; runs off the event loop.
-
-    Without params.width/height the size is the init image's, rounded down to a multiple
-    of 8; the images are then resampled to the job size when it differs.
-    """
-    assert params.init_image is not None
-    max_pixels = INPUT_PIXELS_FACTOR * limits.max_width * limits.max_height
-    init = decode_image(params.init_image, field="params.init_image", max_pixels=max_pixels)
-    mask = None
-    if params.mask is not None:
-        mask = decode_image(params.mask, field="params.mask", max_pixels=max_pixels, mode="L")
-        if mask.size != init.size:
-            raise BadImage(
-                f"params.mask is {mask.width}x{mask.height} but params.init_image is "
-                f"{init.width}x{init.height}: they must be the same size"
-            )
-    implied_width, implied_height = default_size(init)
-    width = params.width or implied_width
-    height = params.height or implied_height
-    check_job_size(width, height, max_width=limits.max_width, max_height=limits.max_height)
-    return fit(init, width, height), fit(mask, width, height) if mask else None, width, height

@@ -27,7 +27,6 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Self, TypeAlias
 
 from PIL import Image
-from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import (
@@ -44,6 +43,7 @@ from latentcast.protocol import (
     Error,
     ErrorCode,
     ImagePreview,
+    InvalidRequest,
     LatentPreview,
     LatentRGBInfo,
     LoraRef,
@@ -54,6 +54,7 @@ from latentcast.protocol import (
     Welcome,
     decode_server_message,
     encode_message,
+    validate_client_message,
 )
 
 from .errors import (
@@ -352,25 +353,13 @@ def check_submit(payload: dict[str, Any], rules: SubmitRules) -> Submit:
     offending field, with the message the server would have answered.
     """
     try:
-        return Submit.model_validate(payload, context=rules)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        path = ".".join(str(part) for part in first["loc"])
-        if first["type"] == "missing":
-            detail = "is required"
-        elif first["type"] == "extra_forbidden":
-            detail = "is not a known key"
-        else:
-            detail = first["msg"].removeprefix("Value error, ")
-            detail = detail[:1].lower() + detail[1:]
-        job_id = payload.get("id")
+        message = validate_client_message(payload, rules)
+    except InvalidRequest as exc:
         raise RequestRejected(
-            ErrorCode.INVALID_REQUEST,
-            f"{path} {detail}",
-            field=path,
-            job_id=job_id if isinstance(job_id, str) else None,
-            local=True,
+            exc.code, exc.message, field=exc.field, job_id=exc.id, local=True
         ) from None
+    assert isinstance(message, Submit)
+    return message
 
 
 def _loras(loras: Iterable[LoraSpec]) -> list[dict[str, Any]]:
