@@ -19,6 +19,11 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from latentcast.protocol import Draining, Error
 from tests.support import is_terminal, open_client
 
+#: A job that outlasts any deadline these tests set, however fast the machine: 150 steps
+#: at 256x256 on the tiny model take seconds even with every core (a step still ends
+#: within a fraction of a second, so a stop takes effect quickly).
+LONG_JOB = {"steps": 150, "width": 256, "height": 256}
+
 
 def _ready_status(url: str) -> tuple[int, dict]:
     try:
@@ -69,9 +74,9 @@ async def test_drain_lets_jobs_finish_refuses_new_work_and_closes_with_1001(star
 async def test_at_the_deadline_unfinished_jobs_end_with_shutdown(start_server) -> None:
     async with start_server(drain_timeout=1.0) as server:
         client = await open_client(server.ws_url)
-        await client.submit("running", steps=150)
+        await client.submit("running", **LONG_JOB)
         await client.recv_until(lambda m: m.type == "started")
-        await client.submit("queued", steps=150)
+        await client.submit("queued", **LONG_JOB)
         await client.recv_until(lambda m: m.type == "accepted" and m.id == "queued")
         drain = asyncio.create_task(server.drain())
         messages = await client.recv_until(lambda m: is_terminal(m, "running"))
@@ -85,7 +90,7 @@ async def test_at_the_deadline_unfinished_jobs_end_with_shutdown(start_server) -
 async def test_a_second_stop_request_moves_the_deadline_to_now(start_server) -> None:
     async with start_server(drain_timeout=600) as server:
         client = await open_client(server.ws_url)
-        await client.submit("running", steps=150)
+        await client.submit("running", **LONG_JOB)
         await client.recv_until(lambda m: m.type == "started")
         server.request_stop()
         drain = asyncio.create_task(server.drain())
@@ -129,7 +134,10 @@ async def test_sigterm_drains_a_real_server_process(model_cache: Path, second_si
                 await asyncio.sleep(0.1)
 
         client = await open_client(url)
-        await client.submit("running", steps=12 if not second_signal else 150)
+        if second_signal:
+            await client.submit("running", **LONG_JOB)
+        else:
+            await client.submit("running", steps=12)
         await client.recv_until(lambda m: m.type == "started")
         for k in range(3):
             await client.submit(f"queued{k}", steps=2)
