@@ -930,15 +930,16 @@ def load_model(
         elif path.is_file():
             if path.suffix.lower() not in _SINGLE_FILE_SUFFIXES:
                 raise ModelLoadError(
-                    f"could not load model {spec!r}: a file must be a .safetensors or .ckpt "
-                    "checkpoint (or pass a diffusers folder)"
+                    f"the file {spec!r} is not a .safetensors or .ckpt checkpoint (pass one "
+                    "of those, or a diffusers folder)"
                 )
+            _check_checkpoint_file(path)
             config_dir = _model_config_dir(model_config, cache) if model_config else None
             pipeline = _from_single_file(path, config_dir, torch_dtype)
         elif _looks_like_path(spec):
             raise ModelLoadError(
-                f"could not load model {spec!r}: no such file or folder; pass an existing "
-                "diffusers folder, a .safetensors/.ckpt file, a Hub model id, or one of "
+                f"no such file or folder: {spec!r}; pass an existing diffusers folder, a "
+                ".safetensors/.ckpt file, a Hub model id, or one of "
                 f"{', '.join(TINY_MODEL_NAMES)}"
             )
         else:
@@ -1215,6 +1216,41 @@ def _from_pretrained_folder(folder: Path, dtype: torch.dtype) -> DiffusionPipeli
     return loaded
 
 
+def _check_checkpoint_file(path: Path) -> None:
+    """Raise ModelLoadError unless ``path`` looks like a readable checkpoint file.
+
+    Cheap (the safetensors header, or the first bytes of a .ckpt), so a corrupt or
+    partial file is named as such before any config is looked for.
+    """
+    import zipfile
+
+    problem: str | None = None
+    if path.stat().st_size == 0:
+        problem = "the file is empty"
+    elif path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            detail = str(exc).removeprefix("Error while deserializing header: ")
+            problem = f"safetensors: {detail}"
+    else:
+        with path.open("rb") as handle:
+            head = handle.read(2)
+        # torch.save writes a zip archive; older checkpoints are a bare pickle (protocol 2+).
+        if not zipfile.is_zipfile(path) and not (head[:1] == b"\x80" and head[1:2] >= b"\x02"):
+            problem = "neither a zip archive nor a pickle, as torch.save writes them"
+    if problem is not None:
+        raise ModelLoadError(
+            f"{str(path)!r} is not a valid checkpoint file ({problem}); expected the "
+            "complete weights of a Stable Diffusion 1.x, 2.x or SDXL model as .safetensors "
+            "or .ckpt (a partial download or a saved HTML page looks like this: download "
+            "it again)"
+        )
+
+
 def _single_file_class(path: Path) -> Any:
     """SD or SDXL pipeline class for a checkpoint, guessed from its key names."""
     import diffusers
@@ -1293,8 +1329,8 @@ def _from_hub(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
             else "the hub could not be reached or has no such model"
         )
         raise ModelLoadError(
-            f"could not load model {model_id!r}: not a local folder or file, and {reason}; "
-            f"download it first and pass --model PATH (details: {type(exc).__name__}: {exc})"
+            f"{model_id!r} is not a local folder or file, and {reason}; download it first "
+            f"and pass --model PATH (details: {type(exc).__name__}: {exc})"
         ) from exc
     cls = _pipeline_class(class_name, f"hub model {model_id!r}")
     try:
@@ -1307,8 +1343,7 @@ def _from_hub(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
         )
     except Exception as exc:
         raise ModelLoadError(
-            f"could not load model {model_id!r} from the Hugging Face Hub"
-            f"{' cache' if offline else ''}: {type(exc).__name__}: {exc}; download it first "
-            "and pass --model PATH"
+            f"loading {model_id!r} from the Hugging Face Hub{' cache' if offline else ''} "
+            f"failed: {type(exc).__name__}: {exc}; download it first and pass --model PATH"
         ) from exc
     return loaded

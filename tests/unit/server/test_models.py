@@ -447,7 +447,48 @@ def test_load_missing_path_is_helpful(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"
     with pytest.raises(ModelLoadError, match="no such file or folder") as info:
         load_model(str(missing), device="cpu")
-    assert str(missing) in str(info.value)
+    message = str(info.value)
+    assert str(missing) in message
+    assert "tiny-sdxl" in message
+    # The server's log line says "could not load model '...': <this message>".
+    assert "could not load model" not in message
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "detail"),
+    [
+        ("random.safetensors", bytes(range(256)) * 8, "header too large"),
+        ("empty.safetensors", b"", "the file is empty"),
+        ("page.safetensors", b"<html><body>Not Found</body></html>\n", "header too large"),
+        (
+            "partial.safetensors",
+            b"<\0\0\0\0\0\0\0" + b'{"w":{"dtype":"F32","shape":[100],"data_offsets":[0,400]}}',
+            "safetensors:",
+        ),
+        ("page.ckpt", b"<html><body>Not Found</body></html>\n", "neither a zip archive"),
+    ],
+)
+@pytest.mark.parametrize("model_config", [None, "tiny"])
+def test_load_corrupt_checkpoint_names_the_file(
+    name: str,
+    data: bytes,
+    detail: str,
+    model_config: str | None,
+    tmp_path: Path,
+    tiny_cache: Path,
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(ModelLoadError, match="is not a valid checkpoint file") as info:
+        load_model(str(path), device="cpu", cache_dir=tiny_cache, model_config=model_config)
+    message = str(info.value)
+    assert repr(str(path)) in message
+    assert detail in message
+    assert "Stable Diffusion" in message and "download it again" in message
+    assert "could not load model" not in message
+    # Said once, not also blamed on the model config or on the offline hub.
+    assert message.count("not a valid checkpoint") == 1
+    assert "--model-config" not in message
 
 
 def test_load_unknown_hub_id_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
