@@ -2,11 +2,13 @@
 //
 // The page follows one job at a time (the "current" job). Generate, and every debounced
 // edit in live mode, submits a new job that `replaces` the current one when that is still
-// unfinished, so the engine never works on a picture nobody looks at.
+// unfinished, so the engine never works on a picture nobody looks at. While the current
+// job is unfinished the button reads "Replace", and a replacing job says so in the status.
 //
 // Hooks for tests and curious people: body[data-conn] is connecting|open|closed;
 // #status[data-state] is idle|submitting|queued|running|complete|cancelled|error;
 // #preview[data-step] and [data-previews] change each time a preview is drawn;
+// #stage.stale with #stage-note marks what a cancelled or failed job left on the stage;
 // window.latentcast.latentToRgba is the pure latent decoder.
 
 import { Decoder, Encoder } from "@msgpack/msgpack";
@@ -43,6 +45,7 @@ const el = {
   generate: $("generate"),
   cancel: $("cancel"),
   stage: $("stage"),
+  stageNote: $("stage-note"),
   preview: $("preview"),
   result: $("result"),
   progress: $("progress"),
@@ -130,8 +133,11 @@ function connect() {
     app.unfinished.clear();
     if (app.current && !TERMINAL.has(app.current.state)) {
       setJobState("error", "The connection closed before the job ended.");
+      if (app.current.drawnStep > 0) markStage("Interrupted");
     }
     el.cancel.disabled = true;
+    updateGenerate();
+    if (el.status.dataset.state === "idle") el.status.textContent = "Not connected: waiting for the server…";
     const delay = Math.min(10_000, 500 * 2 ** app.retries++);
     const retry = `retrying in ${Math.round(delay / 1000)} s`;
     setTimeout(connect, delay);
@@ -169,6 +175,11 @@ function send(message) {
 // ------------------------------------------------------------------ server messages
 
 function handle(message) {
+  dispatch(message);
+  updateGenerate();
+}
+
+function dispatch(message) {
   const job = app.current && message.id === app.current.id ? app.current : null;
   switch (message.type) {
     case "welcome":
@@ -177,12 +188,13 @@ function handle(message) {
     case "draining":
       setConn("open", "server is shutting down: no new jobs");
       el.generate.disabled = true;
+      if (el.status.dataset.state === "idle") el.status.textContent = "The server is shutting down: no new jobs.";
       return;
     case "accepted":
     case "queued":
       if (job && job.state !== "running" && !TERMINAL.has(job.state)) {
         const ahead = message.position;
-        setJobState("queued", ahead > 0 ? `Queued: ${ahead} job(s) ahead.` : "Starting…");
+        setJobState("queued", withNote(job, ahead > 0 ? `Queued: ${ahead} job(s) ahead.` : "Starting…"));
       }
       return;
     case "started":
@@ -192,7 +204,10 @@ function handle(message) {
       if (job && job.state === "running") {
         el.progress.max = message.steps;
         el.progress.value = message.step;
-        el.status.textContent = `Step ${message.step}/${message.steps} · ${(message.elapsed_ms / 1000).toFixed(1)} s · seed ${job.seed}`;
+        el.status.textContent = withNote(
+          job,
+          `Step ${message.step}/${message.steps} · ${(message.elapsed_ms / 1000).toFixed(1)} s · seed ${job.seed}`,
+        );
       }
       return;
     case "preview":
@@ -210,6 +225,7 @@ function handle(message) {
       if (job) {
         const why = message.reason === "client" ? "" : ` (${message.reason})`;
         setJobState("cancelled", `Cancelled at step ${message.step}${why}.`);
+        markStage(job.drawnStep > 0 ? `Cancelled at step ${message.step}/${job.steps}` : "Cancelled before the first preview");
       }
       return;
     case "error":
@@ -248,6 +264,9 @@ function onWelcome(welcome) {
   const latentOption = el.previewKind.querySelector('option[value="latent"]');
   latentOption.disabled = !model.latent_rgb;
   if (!model.latent_rgb && el.previewKind.value === "latent") el.previewKind.value = "image";
+  if (el.status.dataset.state === "idle") {
+    el.status.textContent = `Ready: ${model.name} (${model.family}). Type a prompt and press Generate.`;
+  }
 
   const canImg2img = model.modes.includes("img2img");
   el.img2img.disabled = !canImg2img;
@@ -267,7 +286,7 @@ function onStarted(job, message) {
   }
   el.progress.max = Math.max(1, message.steps);
   el.progress.value = 0;
-  setJobState("running", `Step 0/${message.steps} · seed ${message.seed}`);
+  setJobState("running", withNote(job, `Step 0/${message.steps} · seed ${message.seed}`));
 }
 
 async function onComplete(job, message) {
@@ -288,6 +307,7 @@ async function onComplete(job, message) {
   if (app.current !== job) return;
   el.progress.value = el.progress.max;
   el.result.hidden = false;
+  unmarkStage();
   el.stage.classList.add("done", "started");
   el.download.href = app.resultUrl;
   el.download.download = `latentcast-${image.seed}.${image.format === "jpeg" ? "jpg" : image.format}`;
@@ -310,6 +330,7 @@ function onError(job, message) {
     }
     const where = message.field ? ` [${message.field}]` : "";
     setJobState("error", `${message.code}${where}: ${message.message}`);
+    if (job.drawnStep > 0) markStage(`Failed: ${message.code}`);
   } else if (message.id == null) {
     console.warn("latentcast: server error", message);
   }
@@ -321,6 +342,33 @@ function setJobState(state, text) {
   el.status.textContent = text;
   const active = !TERMINAL.has(state) && state !== "idle";
   el.cancel.disabled = !active;
+}
+
+// Generate reads "Replace" while the current job is unfinished: pressing it stops that job.
+function updateGenerate() {
+  const replacing = Boolean(app.current && app.unfinished.has(app.current.id));
+  el.generate.textContent = replacing ? "Replace" : "Generate";
+  el.generate.title = replacing ? "Stop the running job and start one with these settings" : "";
+}
+
+// A job that replaced another one outside live mode says so while it runs.
+function withNote(job, text) {
+  return job.note ? `${text} · ${job.note}` : text;
+}
+
+// What a cancelled or failed job left on the stage is dimmed and labelled, so that it is
+// not taken for the picture of a job that is still coming; the next preview or result
+// clears the mark.
+function markStage(text) {
+  el.stage.classList.add("stale");
+  el.stageNote.textContent = text;
+  el.stageNote.hidden = false;
+}
+
+function unmarkStage() {
+  el.stage.classList.remove("stale");
+  el.stageNote.hidden = true;
+  el.stageNote.textContent = "";
 }
 
 // ------------------------------------------------------------------ previews
@@ -361,6 +409,7 @@ async function drawPreview(message) {
   job.drawnStep = message.step;
   el.result.hidden = true;
   el.download.hidden = true;
+  unmarkStage();
   el.stage.classList.remove("done");
   el.stage.classList.add("started");
   el.preview.dataset.step = String(message.step);
@@ -484,17 +533,23 @@ async function submit() {
     preview: kind === "none" ? undefined : { kind, every: 1 },
   };
   const previous = app.current;
-  if (previous && app.unfinished.has(previous.id)) message.replaces = previous.id;
+  let note = "";
+  if (previous && app.unfinished.has(previous.id)) {
+    message.replaces = previous.id;
+    // Live mode replaces on every edit, as the user asked; anywhere else it is news.
+    if (!el.live.checked) note = `replaced the ${previous.state === "running" ? "running" : "queued"} job`;
+  }
   if (!send(message)) return;
 
   app.unfinished.add(message.id);
-  app.current = { id: message.id, state: "submitting", drawnStep: 0 };
+  app.current = { id: message.id, state: "submitting", drawnStep: 0, note };
   el.status.dataset.job = message.id;
   app.pendingPreview = null;
   el.preview.dataset.previews = "0";
   el.preview.dataset.step = "0";
   el.progress.value = 0;
-  setJobState("submitting", "Submitted…");
+  setJobState("submitting", withNote(app.current, "Submitted…"));
+  updateGenerate();
 }
 
 function cancel() {
@@ -518,13 +573,18 @@ function fillBackground() {
   sketchCtx.fillRect(0, 0, el.sketch.width, el.sketch.height);
 }
 
-// The sketch keeps the job's aspect ratio; what is drawn is scaled along.
+// The sketch keeps the job's aspect ratio; what is drawn is scaled along. Only the canvas
+// inside its fixed box (.sketch-box) changes, never the layout around it: a size field
+// loses focus on the mousedown of the click that follows, and a Generate button that moved
+// then would not get the mouseup, so the click would be lost.
 function resizeSketch() {
   const w = Number(el.width.value) || SKETCH_SIDE;
   const h = Number(el.height.value) || SKETCH_SIDE;
   const scale = SKETCH_SIDE / Math.max(w, h);
   const width = Math.max(8, Math.round(w * scale));
   const height = Math.max(8, Math.round(h * scale));
+  el.sketch.style.width = `${(100 * width) / SKETCH_SIDE}%`;
+  el.sketch.style.height = `${(100 * height) / SKETCH_SIDE}%`;
   if (width === el.sketch.width && height === el.sketch.height) return;
   const copy = document.createElement("canvas");
   copy.width = el.sketch.width;
