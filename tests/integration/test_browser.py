@@ -311,3 +311,168 @@ async def test_token_from_page_url(start_server) -> None:
             )
             assert await page.is_disabled("#generate")
             assert frames.received == []
+
+
+# Issue 7, item 3: the page's layout, cancel, replace and ready status.
+
+OLD_IDLE_TEXT = "Ready when the server is."
+
+
+@needs_chromium
+async def test_status_says_ready_once_welcomed(start_server) -> None:
+    frames = Frames()
+    async with (
+        start_server() as server,
+        chromium() as browser,
+        open_page(browser, server.http_url + "/", frames) as page,
+    ):
+        await page.wait_for_selector("body[data-conn=open]")
+        model = frames.received[0]["model"]
+        status = await page.wait_for_function(
+            "document.querySelector('#status').textContent.startsWith('Ready')"
+        )
+        assert await status.json_value()
+        text = await page.text_content("#status")
+        assert text != OLD_IDLE_TEXT
+        assert text is not None and f"Ready: {model['name']} ({model['family']})" in text
+        assert await page.get_attribute("#status", "data-state") == "idle"
+
+
+# Every mouse event on the page, with the id (or tag) of its target, in order.
+RECORD_MOUSE = """() => {
+  window.mouseEvents = [];
+  for (const type of ['mousedown', 'mouseup', 'click', 'change']) {
+    document.addEventListener(type, (e) => window.mouseEvents.push(
+      `${type}:${e.target.id || e.target.tagName}`), true);
+  }
+}"""
+
+BOX = "e => { const r = e.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; }"
+
+
+async def type_into(page: Page, selector: str, text: str) -> None:
+    """Focus ``selector`` and replace its value by typing, as a person would."""
+    await page.focus(selector)
+    await page.keyboard.press("Control+A")
+    await page.keyboard.type(text)
+
+
+@needs_chromium
+async def test_generate_click_right_after_editing_the_size(start_server) -> None:
+    # The size fields' change event fires on the mousedown of the Generate click (the field
+    # loses focus) and reshapes the sketch; nothing may move under the pointer then.
+    frames = Frames()
+    async with (
+        start_server() as server,
+        chromium() as browser,
+        open_page(browser, server.http_url + "/", frames) as page,
+    ):
+        await page.wait_for_selector("body[data-conn=open]")
+        await set_fields(page, steps="3", seed="5")
+        # A square size first (committed by Tab), then a tall one left in the focused field:
+        # the old page's sketch grew taller and pushed Generate down under the pointer.
+        await type_into(page, "#height", "128")
+        await page.keyboard.press("Tab")
+        await type_into(page, "#width", "128")
+        await page.keyboard.press("Tab")  # change:width; the focus moves on to #height
+        assert await page.evaluate("document.activeElement.id") == "height"
+        await page.keyboard.press("Control+A")
+        await page.keyboard.type("256")
+        assert await page.eval_on_selector("#sketch", "c => [c.width, c.height]") == [256, 256]
+
+        await page.evaluate(RECORD_MOUSE)
+        x, y, width, height = await page.eval_on_selector("#generate", BOX)
+        assert y + height <= 860, "Generate must be in the viewport"
+        await page.mouse.move(x + width / 2, y + height / 2)
+        await page.mouse.down()  # blurs #height: change:height resizes the sketch
+        await page.mouse.up()
+
+        events = await page.evaluate("window.mouseEvents")
+        assert events == [
+            "mousedown:generate",
+            "change:height",
+            "mouseup:generate",
+            "click:generate",
+        ]
+        submit = await frames.wait_for_submit(lambda m: True, timeout=5)
+        assert (submit["params"]["width"], submit["params"]["height"]) == (128, 256)
+        await wait_for(page, "s.state === 'complete' && s.job === a", submit["id"])
+        # The sketch followed the new aspect inside its box, and the button did not move.
+        assert await page.eval_on_selector("#sketch", "c => [c.width, c.height]") == [128, 256]
+        assert await page.eval_on_selector("#generate", BOX) == [x, y, width, height]
+        _, _, sketch_w, sketch_h = await page.eval_on_selector("#sketch", BOX)
+        assert abs(sketch_w / sketch_h - 0.5) < 0.05
+
+
+STAGE = """() => {
+  const note = document.querySelector('#stage-note');
+  const preview = getComputedStyle(document.querySelector('#preview'));
+  return {note: note && !note.hidden && note.offsetParent !== null ? note.textContent : null,
+          opacity: Number(preview.opacity), visible: preview.visibility !== 'hidden'};
+}"""
+
+
+@needs_chromium
+async def test_cancel_marks_the_preview_left_on_the_stage(start_server) -> None:
+    frames = Frames()
+    async with (
+        start_server() as server,
+        chromium() as browser,
+        open_page(browser, server.http_url + "/", frames) as page,
+    ):
+        await page.wait_for_selector("body[data-conn=open]")
+        await set_fields(page, prompt="a fox", steps="150", width="128", height="128")
+        await page.select_option("#preview-kind", "latent")
+        await page.click("#generate")
+        await wait_for(page, "s.state === 'running' && s.previews >= 1")
+        running = await page.evaluate(STAGE)
+        assert running == {"note": None, "opacity": 1, "visible": True}
+
+        await page.click("#cancel")
+        cancelled = await wait_for(page, "s.state === 'cancelled'")
+        stage = await page.evaluate(STAGE)
+        # The preview stays visible but dimmed, labelled with the step it stopped at.
+        assert stage["note"] is not None and stage["note"].startswith("Cancelled at step ")
+        assert stage["note"].endswith("/150")
+        assert stage["visible"] and stage["opacity"] < 0.5
+        assert "stale" in (await page.get_attribute("#stage", "class") or "").split()
+        assert cancelled["previews"] >= 1
+
+        # The next job's first preview clears the mark.
+        await page.click("#generate")
+        next_job = "s.state === 'running' && s.job !== a && s.previews >= 1"
+        await wait_for(page, next_job, cancelled["job"])
+        assert await page.evaluate(STAGE) == {"note": None, "opacity": 1, "visible": True}
+        await page.click("#cancel")
+        await wait_for(page, "s.state === 'cancelled'")
+
+
+@needs_chromium
+async def test_generate_while_a_job_runs_says_it_replaces(start_server) -> None:
+    frames = Frames()
+    async with (
+        start_server() as server,
+        chromium() as browser,
+        open_page(browser, server.http_url + "/", frames) as page,
+    ):
+        await page.wait_for_selector("body[data-conn=open]")
+        assert await page.text_content("#generate") == "Generate"
+        await set_fields(page, prompt="a fox", steps="150", width="128", height="128")
+        await page.click("#generate")
+        first = await wait_for(page, "s.state === 'running'")
+        # While a job runs, the button says what pressing it does.
+        assert await page.text_content("#generate") == "Replace"
+
+        await set_fields(page, seed="11")
+        await page.click("#generate")
+        second = await frames.wait_for_submit(lambda m: m["id"] != first["job"])
+        assert second["replaces"] == first["job"]
+        noted = "s.job === a && s.state === 'running' && s.text.includes('replaced')"
+        replaced = await wait_for(page, noted, second["id"])
+        assert replaced["text"].endswith(" · replaced the running job")
+        assert frames.received_for(first["job"], "cancelled")[0]["reason"] == "replaced"
+        assert await page.text_content("#generate") == "Replace"
+        # Once nothing runs any more, it is Generate again.
+        await page.click("#cancel")
+        await wait_for(page, "s.job === a && s.state === 'cancelled'", second["id"])
+        assert await page.text_content("#generate") == "Generate"
