@@ -29,6 +29,12 @@ from latentcast.protocol import (
 
 TIMEOUT = 60.0
 
+#: A job that runs until it is stopped, on any machine: 150 steps (the default
+#: max_steps) at 256x256 take the tiny model many seconds even on a fast CPU with every
+#: core, while each step stays short (so a stop still takes effect within a fraction of a
+#: second). At the tiny model's default 64x64, 150 steps can end within a second.
+LONG_JOB: dict[str, int] = {"steps": 150, "width": 256, "height": 256}
+
 
 @dataclass
 class Client:
@@ -100,3 +106,123 @@ async def open_client(url: str, **connect_args: Any) -> Client:
     welcome = decode_server_message(await ws.recv())
     assert isinstance(welcome, Welcome)
     return Client(ws, welcome)
+
+
+# ---------------------------------------------------------------------- stalled clients
+
+
+@dataclass
+class StalledClient:
+    """A connected client that does not read: see :func:`open_stalled_client`.
+
+    ``ws`` sends as usual (the client-to-server direction is never blocked); nothing reads
+    what the server sends until :meth:`resume` is called. ``session`` is the server's
+    ``Session`` of this connection, to watch its buffer (``session.buffer``) from a test.
+    """
+
+    ws: ClientConnection
+    session: Any
+    #: The client socket's local address: what the server sees as the peer.
+    address: tuple[str, int]
+
+    async def send(self, message: BaseModel | dict[str, Any] | bytes) -> None:
+        if isinstance(message, BaseModel):
+            await self.ws.send(encode_message(message))
+        elif isinstance(message, dict):
+            await self.ws.send(msgpack.packb(message, use_bin_type=True))
+        else:
+            await self.ws.send(message)
+
+    async def submit(self, job_id: str, prompt: str = "noise", **params: Any) -> None:
+        """Like :meth:`Client.submit`: ``preview`` is a dict, the rest are params."""
+        preview = params.pop("preview", None)
+        params.setdefault("steps", 1)
+        await self.send(
+            Submit(
+                id=job_id,
+                params=GenerationParams(prompt=prompt, **params),
+                preview=PreviewRequest(**preview) if preview else PreviewRequest(),
+            )
+        )
+
+    async def resume(self) -> Client:
+        """Start reading: a :class:`Client` on the same connection (welcome read first).
+
+        Its ``recv`` sees everything the server buffered meanwhile, in order.
+        """
+        welcome = decode_server_message(await asyncio.wait_for(self.ws.recv(), TIMEOUT))
+        assert isinstance(welcome, Welcome)
+        return Client(self.ws, welcome)
+
+    async def close(self) -> None:
+        """Drop the connection at once (a TCP reset), as a client that vanished would.
+
+        A polite close could not finish: the server's close frame waits behind what this
+        client never read, so websockets would wait its close timeout (10 s) first. To
+        close politely, :meth:`resume` and close that :class:`Client` instead.
+        """
+        self.ws.transport.abort()
+        await self.ws.wait_closed()
+
+
+async def wait_for(predicate: Callable[[], object], timeout: float = TIMEOUT) -> None:
+    """Poll ``predicate`` (a cheap check of server state) until true; fail after ``timeout``."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+async def open_stalled_client(
+    server: Any, *, rcvbuf: int = 4096, server_sndbuf: int | None = 4096
+) -> StalledClient:
+    """Connect to ``server`` (a started ``latentcast.server.app.Server``) and never read.
+
+    Made so that a few tens of kilobytes of unread messages really block the server's
+    writer for this connection, whatever the machine's socket defaults:
+
+    * the client socket gets ``SO_RCVBUF=rcvbuf`` before it connects (so the TCP window
+      is small from the start), and the websockets client buffers at most about one
+      message before it stops reading the socket (``max_queue=1``);
+    * the server's side of this one connection gets ``SO_SNDBUF=server_sndbuf`` (None
+      leaves it alone), which turns off the kernel's send-buffer autotuning, otherwise
+      able to absorb megabytes on loopback.
+
+    What it takes to stall: the asyncio transport's own buffer on the server (websockets'
+    ``write_limit``, 32 KiB) plus both kernel buffers (the kernel doubles the values
+    given) plus about one message on the client side; in practice under ~100 KB. So one
+    ``complete`` of four 128x128 PNGs (~200 KB of noise) leaves the writer blocked on it
+    for as long as nobody reads, and every message put after it waits in the session's
+    ``OutboundBuffer``: non-droppable ones count in ``session.buffer.reliable_backlog``
+    (and age towards the send timeout), droppable ones coalesce (latest wins).
+
+    The stall is a state, not a timing: wait for it with :func:`wait_for` on
+    ``client.session.buffer.reliable_backlog`` (and, to be sure the writer is stuck on a
+    big message, on that message's job having ended), never with a sleep.
+    """
+    import socket
+
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", server.port))
+        address = sock.getsockname()[:2]
+        ws = await connect(server.ws_url, sock=sock, max_queue=1, compression=None, max_size=None)
+    except BaseException:
+        sock.close()
+        raise
+
+    def this_session() -> Any:
+        for session in list(server.sessions):
+            peer = session.connection.remote_address
+            if peer is not None and tuple(peer[:2]) == address:
+                return session
+        return None
+
+    await wait_for(lambda: this_session() is not None)
+    session = this_session()
+    if server_sndbuf is not None:
+        server_sock = session.connection.transport.get_extra_info("socket")
+        server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, server_sndbuf)
+    return StalledClient(ws, session, address)

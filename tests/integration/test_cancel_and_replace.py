@@ -5,15 +5,15 @@ from __future__ import annotations
 import time
 
 from latentcast.protocol import Accepted, Cancelled, Complete, Progress, Started
-from tests.support import is_terminal, open_client
+from tests.support import LONG_JOB, is_terminal, open_client
 
-LONG = 150  # steps (the default max_steps): a job that runs until it is stopped
+LONG = LONG_JOB["steps"]
 
 
 async def test_cancel_of_a_queued_job_answers_at_once(start_server) -> None:
     async with start_server() as server:
         client = await open_client(server.ws_url)
-        await client.submit("running", steps=LONG)
+        await client.submit("running", **LONG_JOB)
         await client.submit("queued", steps=1)
         await client.recv_until(lambda m: m.type == "accepted" and m.id == "queued")
         sent = time.monotonic()
@@ -32,7 +32,7 @@ async def test_cancel_of_a_running_job_stops_at_the_next_step_and_the_engine_mov
 ) -> None:
     async with start_server() as server:
         client = await open_client(server.ws_url)
-        await client.submit("running", steps=LONG)
+        await client.submit("running", **LONG_JOB)
         await client.submit("next", steps=1)
         await client.recv_until(
             lambda m: isinstance(m, Progress) and m.id == "running" and m.step >= 2
@@ -69,7 +69,7 @@ async def test_cancel_of_an_ended_job_is_unknown_job(start_server) -> None:
 async def test_replacing_a_queued_job_takes_its_place(start_server) -> None:
     async with start_server() as server:
         client = await open_client(server.ws_url)
-        await client.submit("running", steps=LONG)
+        await client.submit("running", **LONG_JOB)
         await client.recv_until(lambda m: m.type == "started")
         await client.submit("q1", steps=1)
         await client.submit("q2", steps=1)
@@ -90,7 +90,7 @@ async def test_replacing_a_queued_job_takes_its_place(start_server) -> None:
 async def test_replacing_a_running_job_stops_it_at_the_next_step(start_server) -> None:
     async with start_server() as server:
         client = await open_client(server.ws_url)
-        await client.submit("v1", steps=LONG)
+        await client.submit("v1", **LONG_JOB)
         await client.recv_until(lambda m: isinstance(m, Progress) and m.id == "v1")
         await client.submit("v2", steps=1, replaces="v1")
         messages = await client.recv_until(lambda m: is_terminal(m, "v2"))
@@ -114,7 +114,7 @@ async def test_replaces_of_an_unknown_or_ended_job_is_accepted(start_server) -> 
 async def test_a_rejected_replacing_submit_leaves_the_named_job_alone(start_server) -> None:
     async with start_server() as server:
         client = await open_client(server.ws_url)
-        await client.submit("keep", steps=LONG)
+        await client.submit("keep", **LONG_JOB)
         await client.recv_until(lambda m: m.type == "started")
         # duplicate_id: the submit is rejected, so "keep" must go on.
         await client.submit("keep", steps=1, replaces="other")
@@ -134,7 +134,7 @@ async def test_the_replaced_job_does_not_count_toward_the_limits(start_server) -
     async with start_server(max_jobs_per_session=1, max_queue=1) as server:
         client = await open_client(server.ws_url)
         blocker = await open_client(server.ws_url)
-        await blocker.submit("block", steps=LONG)
+        await blocker.submit("block", **LONG_JOB)
         await blocker.recv_until(lambda m: m.type == "started")
         await client.submit("k1", steps=1)
         for k in range(2, 6):  # cancel-and-resubmit, as a live front end does per keystroke
@@ -153,8 +153,8 @@ async def test_a_disconnect_cancels_the_sessions_jobs_and_frees_the_engine(start
     async with start_server() as server:
         leaver = await open_client(server.ws_url)
         stayer = await open_client(server.ws_url)
-        await leaver.submit("long", steps=LONG)
-        await leaver.submit("queued", steps=LONG)
+        await leaver.submit("long", **LONG_JOB)
+        await leaver.submit("queued", **LONG_JOB)
         await leaver.recv_until(lambda m: isinstance(m, Progress))
         await stayer.submit("mine", steps=1)
         await stayer.recv_until(lambda m: m.type == "accepted")

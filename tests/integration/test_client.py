@@ -26,8 +26,9 @@ from latentcast.protocol import (
     Progress,
     Started,
 )
+from tests.support import LONG_JOB
 
-LONG = 150  # steps (the default max_steps): a job that runs until it is stopped
+LONG = LONG_JOB["steps"]
 TIMEOUT = 30.0
 
 
@@ -73,7 +74,7 @@ async def test_submit_streams_events_in_order_and_the_result_decodes(start_serve
 
 async def test_cancel_ends_the_job_with_job_cancelled_client(start_server) -> None:
     async with start_server() as server, connect(server.ws_url) as client:
-        job = await client.submit("long", steps=LONG)
+        job = await client.submit("long", **LONG_JOB)
         await _until_running(job)
         await job.cancel()
         with pytest.raises(JobCancelled) as cancelled:
@@ -84,7 +85,7 @@ async def test_cancel_ends_the_job_with_job_cancelled_client(start_server) -> No
         assert isinstance(terminal, Cancelled) and terminal.reason == "client"
 
         # replace(): the running job is cancelled as "replaced", the new one runs.
-        first = await client.submit("v1", steps=LONG)
+        first = await client.submit("v1", **LONG_JOB)
         await _until_running(first)
         second = await client.replace(first, "v2", steps=2)
         with pytest.raises(JobCancelled) as replaced:
@@ -113,7 +114,7 @@ async def test_rejected_submits_raise_request_rejected_with_code_and_field(start
         assert (bad_image.value.code, bad_image.value.field) == ("bad_image", None)
         assert bad_image.value.local is False
 
-        running = await client.submit("long", steps=LONG, id="mine")
+        running = await client.submit("long", **LONG_JOB, id="mine")
         with pytest.raises(RequestRejected) as duplicate:
             await client.submit("again", id="mine")
         assert duplicate.value.code == "duplicate_id"
@@ -164,8 +165,8 @@ async def test_a_lagging_reader_gets_the_latest_droppable_events_and_every_other
 async def test_a_lost_connection_fails_every_unfinished_job(start_server) -> None:
     async with start_server() as server:
         client = await connect(server.ws_url)
-        running = await client.submit("running", steps=LONG)
-        queued = await client.submit("queued", steps=LONG)
+        running = await client.submit("running", **LONG_JOB)
+        queued = await client.submit("queued", **LONG_JOB)
         await _until_running(running)
         reader_events = []
 
@@ -193,7 +194,7 @@ async def test_a_lost_connection_fails_every_unfinished_job(start_server) -> Non
 async def test_draining_is_announced_and_the_deadline_ends_jobs(start_server) -> None:
     async with start_server(drain_timeout=0.5) as server:
         async with connect(server.ws_url) as client:
-            job = await client.submit("running", steps=LONG)
+            job = await client.submit("running", **LONG_JOB)
             await _until_running(job)
             drain = asyncio.create_task(server.drain())
             async with asyncio.timeout(TIMEOUT):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from latentcast.protocol import Accepted, Queued, Started
-from tests.support import is_terminal, open_client
+from tests.support import LONG_JOB, is_terminal, open_client
 
 
 async def test_a_backlog_does_not_starve_another_session(start_server) -> None:
@@ -33,7 +33,7 @@ async def test_a_backlog_does_not_starve_another_session(start_server) -> None:
 async def test_positions_are_told_and_updated(start_server) -> None:
     async with start_server() as server:
         client = await open_client(server.ws_url)
-        await client.submit("run", steps=150)
+        await client.submit("run", **LONG_JOB)
         await client.recv_until(lambda m: m.type == "started")
         for k in range(3):
             await client.submit(f"w{k}", steps=1)
