@@ -242,7 +242,8 @@ async def test_previews_cancel_live_and_result(start_server) -> None:
 
         # 3. Live mode: turning it on submits, typing submits again (debounced), and each
         # new job replaces the one before it.
-        await set_fields(page, steps="150", seed="")
+        # 150 steps at 256x256: jobs that run until replaced, on any machine.
+        await set_fields(page, steps="150", width="256", height="256", seed="")
         await page.check("#live")
         live = await wait_for(page, "s.state === 'running' && s.job !== a", first["job"])
         await page.click("#prompt")
@@ -421,7 +422,7 @@ async def test_cancel_marks_the_preview_left_on_the_stage(start_server) -> None:
         open_page(browser, server.http_url + "/", frames) as page,
     ):
         await page.wait_for_selector("body[data-conn=open]")
-        await set_fields(page, prompt="a fox", steps="150", width="128", height="128")
+        await set_fields(page, prompt="a fox", steps="150", width="256", height="256")
         await page.select_option("#preview-kind", "latent")
         await page.click("#generate")
         await wait_for(page, "s.state === 'running' && s.previews >= 1")
@@ -457,7 +458,7 @@ async def test_generate_while_a_job_runs_says_it_replaces(start_server) -> None:
     ):
         await page.wait_for_selector("body[data-conn=open]")
         assert await page.text_content("#generate") == "Generate"
-        await set_fields(page, prompt="a fox", steps="150", width="128", height="128")
+        await set_fields(page, prompt="a fox", steps="150", width="256", height="256")
         await page.click("#generate")
         first = await wait_for(page, "s.state === 'running'")
         # While a job runs, the button says what pressing it does.
