@@ -9,7 +9,9 @@ robin, one job each, FIFO within a session.
 
 :class:`Scheduler` is the asyncio face of it: jobs go in, the engine awaits
 :meth:`Scheduler.next_job`, cancels of waiting jobs take effect at once, and positions are
-told to clients whenever they change.
+told to clients as they change: at once, and then at most once per
+:data:`QUEUED_MIN_INTERVAL` per job (a change within that interval is sent once, when it
+has passed, with the position of that moment).
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from collections import deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from latentcast.protocol import Cancelled, Error, ErrorCode, Queued
 
@@ -32,6 +35,14 @@ from .metrics import Metrics
 logger = logging.getLogger("latentcast.scheduler")
 
 T = TypeVar("T", bound=Hashable)
+
+QUEUED_MIN_INTERVAL = 0.25
+"""Seconds between two ``queued`` messages of one job (PROTOCOL.md section 4).
+
+``queued`` is sent when a job's position changes, at most once per 250 ms per job,
+carrying the latest position: a position that changes again within 250 ms is sent once,
+when the interval has passed. ``accepted.position`` is not paced.
+"""
 
 
 @dataclass
@@ -134,13 +145,54 @@ def _round_robin(lanes: list[deque[tuple[int, T]]]) -> Iterator[T]:
         iterators = still
 
 
-class Scheduler:
-    """The waiting queue of one engine, with cancel, replace and position updates."""
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
 
-    def __init__(self, *, max_queue: int, metrics: Metrics) -> None:
+
+class Timers(Protocol):
+    """What the scheduler needs of an event loop to pace ``queued``; asyncio's loop fits."""
+
+    def time(self) -> float: ...
+
+    def call_later(
+        self, delay: float, callback: Callable[..., object], *args: Any
+    ) -> Cancellable: ...
+
+
+@dataclass(eq=False)
+class _Pacing:
+    """One waiting job's position as the scheduler knows it, and the pacing of ``queued``.
+
+    What the client was last told is ``Job.position`` (``accepted`` or ``queued``).
+    """
+
+    #: The job's place in the start order now.
+    current: int
+    #: Loop time at which its last ``queued`` was handed to the session (-inf: never).
+    told_at: float = -math.inf
+    #: The deferred send at ``told_at + QUEUED_MIN_INTERVAL``, while one is pending.
+    timer: Cancellable | None = None
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class Scheduler:
+    """The waiting queue of one engine, with cancel, replace and position updates.
+
+    ``timers`` is the clock and timer source for pacing ``queued`` (the running event loop
+    when not given; tests pass a fake one).
+    """
+
+    def __init__(self, *, max_queue: int, metrics: Metrics, timers: Timers | None = None) -> None:
         self.max_queue = max_queue
         self._metrics = metrics
+        self._timers_given = timers
         self._queue: FairQueue[Job] = FairQueue()
+        #: Every waiting job's pacing record; a job leaves it when it starts or ends.
+        self._pacing: dict[Job, _Pacing] = {}
         self._wakeup = asyncio.Event()
         self._unfinished: set[Job] = set()
         self._idle = asyncio.Event()
@@ -183,7 +235,9 @@ class Scheduler:
         job.seq = self._queue.push(job, job.session_id, age=age)
         self._track(job)
         order = self._queue.order()
+        # accepted.position: exact and immediate (it is not a paced queued message).
         job.position = order.index(job)
+        self._pacing[job] = _Pacing(current=job.position)
         self._publish(order)
         self._wakeup.set()
         return job.position
@@ -204,6 +258,7 @@ class Scheduler:
         job.request_stop(reason)
         if job in self._queue:
             self._queue.remove(job)
+            self._leave_queue(job)
             job.end(stopped_message(job))
             return True
         if reason is StopReason.SHUTDOWN:
@@ -212,9 +267,16 @@ class Scheduler:
         return False
 
     def shutdown(self) -> None:
-        """The drain deadline: every unfinished job ends now with ``error{shutdown}``."""
+        """The drain deadline: every unfinished job ends now with ``error{shutdown}``.
+
+        Positions are published once, after all of them: a job about to end is not told
+        that it moved.
+        """
+        changed = False
         for job in sorted(self._unfinished, key=lambda job: job.seq):
-            self.stop(job, StopReason.SHUTDOWN)
+            changed = self._stop(job, StopReason.SHUTDOWN) or changed
+        if changed:
+            self._publish(self._queue.order())
 
     def forget_session(self, session_id: str) -> None:
         self._queue.forget(session_id)
@@ -224,6 +286,7 @@ class Scheduler:
         while True:
             job = self._queue.pop()
             if job is not None:
+                self._leave_queue(job)
                 job.state = JobState.RUNNING
                 job.started_at = time.monotonic()
                 self._metrics.queue_seconds.observe(job.started_at - job.accepted_at)
@@ -240,20 +303,69 @@ class Scheduler:
         job.on_end(self._forget_job)
 
     def _forget_job(self, job: Job) -> None:
+        self._leave_queue(job)
         self._metrics.jobs.labels(outcome=_OUTCOME_LABELS.get(job.outcome or "", "failed")).inc()
         self._unfinished.discard(job)
         if not self._unfinished:
             self._idle.set()
 
+    def _leave_queue(self, job: Job) -> None:
+        """``job`` started or ended: no ``queued`` about it any more, pending or not."""
+        pacing = self._pacing.pop(job, None)
+        if pacing is not None:
+            pacing.cancel()
+
+    @property
+    def _timers(self) -> Timers:
+        given = self._timers_given
+        return given if given is not None else asyncio.get_running_loop()
+
     def _publish(self, order: list[Job]) -> None:
-        """Tell every waiting job whose position changed (coalesced by the session)."""
+        """Take note of the start order after a change; tell the jobs that moved, paced.
+
+        One pass over ``order``; only a job whose position changed is touched, and it is
+        told at once only when its last ``queued`` is at least QUEUED_MIN_INTERVAL old.
+        Otherwise one deferred send is pending for it (see :meth:`_pace`).
+        """
         self._metrics.queue_depth.set(len(order))
+        now: float | None = None
+        pacing_of = self._pacing
         for position, job in enumerate(order):
-            if job.position != position:
-                job.position = position
-                job.owner.send_latest(
-                    (job.id, "queued"), partial(Queued, id=job.id, position=position)
-                )
+            pacing = pacing_of[job]
+            if pacing.current == position:
+                continue
+            pacing.current = position
+            if now is None:
+                now = self._timers.time()
+            self._pace(job, pacing, now)
+
+    def _pace(self, job: Job, pacing: _Pacing, now: float) -> None:
+        """``job`` moved to ``pacing.current``: tell it now, later, or not at all."""
+        if pacing.current == job.position:
+            # Back where the client last heard it was: nothing to tell, now or later.
+            pacing.cancel()
+            return
+        due = pacing.told_at + QUEUED_MIN_INTERVAL
+        if now >= due:
+            pacing.cancel()  # a pending send overtaken by a late-running loop
+            self._send_queued(job, pacing, now)
+        elif pacing.timer is None:
+            pacing.timer = self._timers.call_later(due - now, self._send_deferred, job)
+
+    def _send_deferred(self, job: Job) -> None:
+        """The end of ``job``'s interval: tell the position of this moment if it is news."""
+        pacing = self._pacing.get(job)
+        if pacing is None:  # started or ended (its timer is cancelled then; to be safe)
+            return
+        pacing.timer = None
+        if pacing.current != job.position:
+            self._send_queued(job, pacing, self._timers.time())
+
+    @staticmethod
+    def _send_queued(job: Job, pacing: _Pacing, now: float) -> None:
+        job.position = position = pacing.current
+        pacing.told_at = now
+        job.owner.send_latest((job.id, "queued"), partial(Queued, id=job.id, position=position))
 
 
 _OUTCOME_LABELS = {

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -15,7 +17,7 @@ from pydantic import BaseModel
 from latentcast.protocol import Cancelled, Complete, Error, Queued, Timings
 from latentcast.server.jobs import GenerationRequest, Job, JobState, StopReason
 from latentcast.server.metrics import Metrics
-from latentcast.server.scheduler import FairQueue, Scheduler
+from latentcast.server.scheduler import QUEUED_MIN_INTERVAL, FairQueue, Scheduler
 
 # =========================================================================== FairQueue
 
@@ -334,11 +336,59 @@ def make_job(owner: Owner, job_id: str) -> Job:
     return Job(id=job_id, owner=owner, request=request)
 
 
+class FakeTimer:
+    def __init__(self, when: float, callback: Callable[..., object], args: tuple[Any, ...]):
+        self.when = when
+        self.callback = callback
+        self.args = args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeTimers:
+    """The scheduler's clock and call_later, moved by hand: time passes only in advance()."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self._heap: list[tuple[float, int, FakeTimer]] = []
+        self._order = itertools.count()
+
+    def time(self) -> float:
+        return self.now
+
+    def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> FakeTimer:
+        timer = FakeTimer(self.now + delay, callback, args)
+        heapq.heappush(self._heap, (timer.when, next(self._order), timer))
+        return timer
+
+    @property
+    def pending(self) -> list[FakeTimer]:
+        return [timer for _, _, timer in sorted(self._heap) if not timer.cancelled]
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock on, running every timer that falls due, each at its own time.
+
+        Like asyncio, a timer within the clock's resolution of now counts as due (so that
+        0.05 + 0.2 reaches a timer set 0.25 ahead).
+        """
+        until = self.now + seconds
+        while self._heap and self._heap[0][0] <= until + 1e-9:
+            when, _, timer = heapq.heappop(self._heap)
+            if timer.cancelled:
+                continue
+            self.now = max(self.now, when)
+            timer.callback(*timer.args)
+        self.now = until
+
+
 @dataclass
 class Setup:
     scheduler: Scheduler
     metrics: Metrics
     owners: dict[str, Owner]
+    timers: FakeTimers
 
     def job(self, session: str, job_id: str) -> Job:
         owner = self.owners.setdefault(session, Owner(session))
@@ -358,10 +408,17 @@ class Setup:
         return value
 
 
+def make_setup(max_queue: int = 4) -> Setup:
+    metrics = Metrics()
+    timers = FakeTimers()
+    return Setup(
+        Scheduler(max_queue=max_queue, metrics=metrics, timers=timers), metrics, {}, timers
+    )
+
+
 @pytest.fixture
 def setup() -> Iterator[Setup]:
-    metrics = Metrics()
-    yield Setup(Scheduler(max_queue=4, metrics=metrics), metrics, {})
+    yield make_setup()
 
 
 async def test_submit_returns_positions_in_fair_order(setup: Setup) -> None:
@@ -403,6 +460,9 @@ async def test_next_job_is_fair_and_updates_positions(setup: Setup) -> None:
     assert a1.unfinished
     assert setup.scheduler.waiting == 3
     assert setup.owners["B"].take() == [Queued(id="b1", position=0)]
+    # a2 and a3 were told of b1's arrival just now: their next queued waits its interval.
+    assert setup.owners["A"].take() == []
+    setup.timers.advance(QUEUED_MIN_INTERVAL)
     assert setup.owners["A"].take() == [Queued(id="a2", position=1), Queued(id="a3", position=2)]
 
     assert [await setup.scheduler.next_job() for _ in range(3)] == [b1, a2, a3]
@@ -589,3 +649,198 @@ async def test_job_ids_are_per_session(setup: Setup) -> None:
     assert b.unfinished
     assert setup.owners["B"].take() == [Queued(id="same", position=0)]
     assert setup.owners["A"].take() == [Cancelled(id="same", step=0, reason="client")]
+
+
+# --------------------------------------------------------------------------- queued pacing
+
+
+def queued(owner: Owner) -> list[tuple[str, int]]:
+    """The (id, position) of every queued the owner got since the last take."""
+    return [(m.id, m.position) for m in owner.take() if isinstance(m, Queued)]
+
+
+async def test_the_first_change_is_sent_at_once() -> None:
+    setup = make_setup(max_queue=10)
+    jobs = [setup.submit("A", f"a{n}") for n in range(4)]
+    setup.timers.advance(3600.0)  # however long they have waited, accepted is not a queued
+    setup.scheduler.stop(jobs[0], StopReason.CLIENT)
+    assert setup.owners["A"].take() == [
+        Cancelled(id="a0", step=0, reason="client"),
+        Queued(id="a1", position=0),
+        Queued(id="a2", position=1),
+        Queued(id="a3", position=2),
+    ]
+    assert setup.timers.pending == []
+    # accepted.position is exact and immediate even while the others are being paced.
+    a4 = setup.submit("A", "a4")
+    assert a4.position == 3
+
+
+async def test_changes_within_the_interval_coalesce_into_one_with_the_latest_position() -> None:
+    setup = make_setup(max_queue=10)
+    jobs = [setup.submit("A", f"a{n}") for n in range(10)]
+    owner = setup.owners["A"]
+    setup.scheduler.stop(jobs[0], StopReason.CLIENT)
+    assert queued(owner) == [(f"a{n}", n - 1) for n in range(1, 10)]
+    for n in (1, 2, 3):  # three more moves within 250 ms of that
+        setup.timers.advance(0.05)
+        setup.scheduler.stop(jobs[n], StopReason.CLIENT)
+        assert queued(owner) == []
+    # One timer per job, not one per change.
+    assert len(setup.timers.pending) == 6
+    setup.timers.advance(QUEUED_MIN_INTERVAL - 0.15 - 0.001)
+    assert queued(owner) == []
+    setup.timers.advance(0.001)  # the interval since a4..a9 were told has passed
+    assert queued(owner) == [(f"a{n}", n - 4) for n in range(4, 10)]
+    assert [job.position for job in jobs[4:]] == [0, 1, 2, 3, 4, 5]
+    assert setup.timers.pending == []
+    setup.timers.advance(10.0)
+    assert queued(owner) == []
+
+
+async def test_a_change_after_a_deferred_send_waits_for_the_next_interval() -> None:
+    setup = make_setup(max_queue=10)
+    jobs = [setup.submit("A", f"a{n}") for n in range(5)]
+    owner = setup.owners["A"]
+    setup.scheduler.stop(jobs[0], StopReason.CLIENT)  # t=0: told at once
+    assert queued(owner) == [("a1", 0), ("a2", 1), ("a3", 2), ("a4", 3)]
+    setup.timers.advance(0.1)
+    setup.scheduler.stop(jobs[1], StopReason.CLIENT)  # t=0.1: deferred to t=0.25
+    setup.timers.advance(0.15)
+    assert queued(owner) == [("a2", 0), ("a3", 1), ("a4", 2)]
+    setup.timers.advance(0.1)
+    setup.scheduler.stop(jobs[2], StopReason.CLIENT)  # t=0.35: within 0.25 of t=0.25
+    assert queued(owner) == []
+    setup.timers.advance(0.149)
+    assert queued(owner) == []
+    setup.timers.advance(0.001)  # t=0.5
+    assert queued(owner) == [("a3", 0), ("a4", 1)]
+
+
+async def test_no_queued_when_the_position_returns_to_what_was_told() -> None:
+    setup = make_setup(max_queue=10)
+    a1 = setup.submit("A", "a1")
+    assert await setup.scheduler.next_job() is a1  # A has had a start now
+    a2 = setup.submit("A", "a2")
+    a3 = setup.submit("A", "a3")
+    setup.scheduler.stop(a2, StopReason.CLIENT)
+    assert queued(setup.owners["A"]) == [("a3", 0)]
+    setup.timers.advance(0.05)
+    b1 = setup.submit("B", "b1")  # B never had a start: it goes first, a3 grows to 1
+    assert b1.position == 0
+    assert queued(setup.owners["A"]) == []
+    assert len(setup.timers.pending) == 1
+    setup.timers.advance(0.05)
+    setup.scheduler.stop(b1, StopReason.CLIENT)  # a3 is back at 0, what it was told
+    assert setup.timers.pending == []
+    setup.timers.advance(1.0)
+    assert queued(setup.owners["A"]) == []
+    assert a3.position == 0
+
+
+async def test_the_latest_position_is_sent_even_if_an_earlier_change_equalled_it() -> None:
+    # told 2, then 1 (deferred), then 2 (back: nothing pending), then 1 again: sent at the
+    # end of the interval.
+    setup = make_setup(max_queue=10)
+    a1 = setup.submit("A", "a1")
+    assert await setup.scheduler.next_job() is a1
+    a2, a3 = setup.submit("A", "a2"), setup.submit("A", "a3")
+    b1 = setup.submit("B", "b1")  # b1, a2, a3: a2 1, a3 2, told at once
+    assert queued(setup.owners["A"]) == [("a2", 1), ("a3", 2)]
+    setup.timers.advance(0.05)
+    setup.scheduler.stop(b1, StopReason.CLIENT)  # a2 0, a3 1: deferred
+    setup.submit("C", "c1")  # c1 first: a2 1, a3 2, as told: nothing pending
+    assert setup.timers.pending == []
+    setup.scheduler.stop(a2, StopReason.CLIENT)  # a3 1: deferred again
+    setup.timers.advance(0.2)
+    assert queued(setup.owners["A"]) == [("a3", 1)]
+    assert a3.position == 1
+
+
+async def test_no_queued_after_a_job_started_or_ended() -> None:
+    setup = make_setup(max_queue=10)
+    jobs = [setup.submit("A", f"a{n}") for n in range(4)]
+    owner = setup.owners["A"]
+    setup.scheduler.stop(jobs[0], StopReason.CLIENT)
+    owner.take()
+    setup.timers.advance(0.05)
+    setup.scheduler.stop(jobs[1], StopReason.CLIENT)  # a2 and a3 move: deferred
+    assert len(setup.timers.pending) == 2
+    assert await setup.scheduler.next_job() is jobs[2]  # a2 starts: its timer goes
+    assert len(setup.timers.pending) == 1
+    setup.scheduler.stop(jobs[3], StopReason.CLIENT)  # a3 ends: its timer goes
+    assert setup.timers.pending == []
+    setup.timers.advance(1.0)
+    assert owner.take() == [
+        Cancelled(id="a1", step=0, reason="client"),
+        Cancelled(id="a3", step=0, reason="client"),
+    ]
+
+
+async def test_shutdown_cancels_pending_sends_and_tells_no_positions() -> None:
+    setup = make_setup(max_queue=10)
+    jobs = [setup.submit(session, f"{session}{n}") for n in range(3) for session in "AB"]
+    setup.scheduler.stop(jobs[0], StopReason.CLIENT)
+    setup.timers.advance(0.05)
+    setup.scheduler.stop(jobs[1], StopReason.CLIENT)
+    assert setup.timers.pending != []
+    for owner in setup.owners.values():
+        owner.take()
+    setup.scheduler.shutdown()
+    assert setup.timers.pending == []
+    setup.timers.advance(1.0)
+    for owner in setup.owners.values():
+        sent = owner.take()
+        assert sent and all(isinstance(m, Error) and m.code == "shutdown" for m in sent)
+
+
+async def test_a_late_loop_sends_at_once_and_drops_the_overdue_timer() -> None:
+    setup = make_setup(max_queue=10)
+    jobs = [setup.submit("A", f"a{n}") for n in range(4)]
+    owner = setup.owners["A"]
+    setup.scheduler.stop(jobs[0], StopReason.CLIENT)
+    owner.take()
+    setup.timers.advance(0.05)
+    setup.scheduler.stop(jobs[1], StopReason.CLIENT)
+    [timer] = setup.timers.pending[:1]
+    setup.timers.now += 0.5  # the loop is late: the timer is due but has not run
+    setup.scheduler.stop(jobs[2], StopReason.CLIENT)
+    assert queued(owner) == [("a3", 0)]
+    assert timer.cancelled
+    setup.timers.advance(1.0)
+    assert queued(owner) == []
+
+
+async def test_many_starts_cost_one_message_per_job_per_interval() -> None:
+    setup = make_setup(max_queue=200)
+    jobs = [setup.submit(f"S{n % 100}", f"j{n}") for n in range(200)]
+    for _ in range(100):  # 100 starts within 0.1 s: unpaced, 14,950 queued
+        await setup.scheduler.next_job()
+        setup.timers.advance(0.001)
+    first = {owner.session_id: queued(owner) for owner in setup.owners.values()}
+    assert sum(len(sent) for sent in first.values()) == 199  # each moved once, told at once
+    setup.timers.advance(QUEUED_MIN_INTERVAL)
+    last = [pair for owner in setup.owners.values() for pair in queued(owner)]
+    waiting = jobs[100:]
+    assert sorted(last) == sorted((job.id, n) for n, job in enumerate(waiting))
+    assert [job.position for job in waiting] == list(range(100))
+
+
+async def test_the_event_loop_is_the_default_clock() -> None:
+    scheduler = Scheduler(max_queue=4, metrics=Metrics())
+    owner = Owner("A")
+    jobs = [make_job(owner, f"a{n}") for n in range(4)]
+    for job in jobs:
+        scheduler.submit(job)
+    scheduler.stop(jobs[0], StopReason.CLIENT)
+    assert queued(owner) == [("a1", 0), ("a2", 1), ("a3", 2)]
+    scheduler.stop(jobs[1], StopReason.CLIENT)
+    assert queued(owner) == []
+    await asyncio.sleep(QUEUED_MIN_INTERVAL / 2)
+    assert queued(owner) == []
+    await asyncio.sleep(QUEUED_MIN_INTERVAL)
+    assert queued(owner) == [("a2", 0), ("a3", 1)]
+    scheduler.stop(jobs[2], StopReason.CLIENT)  # deferred, then cancelled by the shutdown
+    scheduler.shutdown()
+    await asyncio.sleep(QUEUED_MIN_INTERVAL * 1.5)
+    assert queued(owner) == []
