@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 
 from latentcast.protocol import Accepted, Queued, Started
-from tests.support import LONG_JOB, is_terminal, open_client
+from latentcast.server.scheduler import QUEUED_MIN_INTERVAL
+from tests.support import LONG_JOB, Client, is_terminal, open_client
 
 
 async def test_a_backlog_does_not_starve_another_session(start_server) -> None:
@@ -82,3 +85,67 @@ async def test_answers_come_in_submit_order_and_sessions_see_only_their_jobs(sta
         assert seeds_two.keys() == {"same0", "same1", "same2"}
         await one.close()
         await two.close()
+
+
+async def read_for(client: Client, seconds: float) -> None:
+    """Read everything that comes for ``seconds`` (so each message's time is its arrival)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            await client.recv(timeout=left)
+        except TimeoutError:
+            return
+
+
+async def test_queued_is_paced_per_job_and_ends_on_the_true_position(start_server) -> None:
+    """PROTOCOL.md 4: queued at most once per 250 ms per job, carrying the latest position."""
+    waiting, cancelled = 20, 12
+    gap = 0.03  # between two cancels: an unpaced server would send queued this often
+    async with start_server(max_jobs_per_session=32) as server:
+        client = await open_client(server.ws_url)
+        await client.submit("run", **LONG_JOB)
+        await client.recv_until(lambda m: m.type == "started")
+        for k in range(waiting):
+            await client.submit(f"w{k}", steps=1)
+        messages = await client.recv_until(lambda m: m.type == "accepted" and m.id == "w19")
+        positions = {m.id: m.position for m in messages if isinstance(m, Accepted)}
+        assert positions == {f"w{k}": k for k in range(waiting)}
+
+        # Cancel from the front, one every 30 ms, while reading all the time.
+        reader = asyncio.create_task(read_for(client, cancelled * gap + 4 * QUEUED_MIN_INTERVAL))
+        start = len(client.timeline)
+        for k in range(cancelled):
+            await client.send({"type": "cancel", "id": f"w{k}"})
+            await asyncio.sleep(gap)
+        await reader
+        timeline = client.timeline[start:]
+
+        times: dict[str, list[float]] = {}
+        last: dict[str, int] = {}
+        ended: dict[str, float] = {}
+        for at, message in timeline:
+            if isinstance(message, Queued):
+                assert message.id not in ended, f"queued after {message.id} ended"
+                times.setdefault(message.id, []).append(at)
+                last[message.id] = message.position
+            elif is_terminal(message):
+                ended[message.id] = at
+        assert set(ended) == {f"w{k}" for k in range(cancelled)}
+        # Every job that stayed heard where it ended up.
+        assert {f"w{k}": last.get(f"w{k}") for k in range(cancelled, waiting)} == {
+            f"w{k}": k - cancelled for k in range(cancelled, waiting)
+        }
+        # At most one queued per 250 ms per job (less 100 ms for delivery jitter on a
+        # loaded machine: unpaced, they would come 30 ms apart).
+        gaps = {
+            job_id: [round(b - a, 3) for a, b in itertools.pairwise(at)]
+            for job_id, at in times.items()
+        }
+        assert all(g >= QUEUED_MIN_INTERVAL - 0.1 for job in gaps.values() for g in job), gaps
+        total = sum(len(at) for at in times.values())
+        unpaced = sum(waiting - 1 - k for k in range(cancelled))
+        assert total < unpaced / 2, (total, unpaced)
+
+        await client.send({"type": "cancel", "id": "run"})
+        await client.recv_until(lambda m: is_terminal(m, f"w{waiting - 1}"))
+        await client.close()
