@@ -916,6 +916,28 @@ def load_model(
         ValueError: bad ``device`` or ``dtype`` string, or device unavailable.
         ModelLoadError: the model, a LoRA or the preview decoder could not be loaded.
     """
+    with _without_torchvision_notice():
+        return _load_model(
+            spec,
+            device=device,
+            dtype=dtype,
+            cache_dir=cache_dir,
+            model_config=model_config,
+            loras=loras,
+            preview_decoder=preview_decoder,
+        )
+
+
+def _load_model(
+    spec: str,
+    *,
+    device: str,
+    dtype: str | None,
+    cache_dir: Path | None,
+    model_config: str | Path | None,
+    loras: Mapping[str, Path],
+    preview_decoder: Path | None,
+) -> LoadedModel:
     torch_device = resolve_device(device)
     torch_dtype = _parse_dtype(dtype) if dtype is not None else default_dtype(torch_device)
     cache = cache_dir if cache_dir is not None else default_cache_dir()
@@ -1056,6 +1078,30 @@ class _DropEmptyFp32Warning(logging.Filter):
 def _without_empty_fp32_warning() -> Iterator[None]:
     logger = logging.getLogger("diffusers.models.modeling_utils")
     drop = _DropEmptyFp32Warning()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+class _DropTorchvisionNotice(logging.Filter):
+    """Drops transformers' "`CLIPImageProcessor` requires torchvision" notices.
+
+    Importing the diffusers pipelines names transformers' image processors (for the
+    safety checker and IP-adapters); without torchvision, transformers 5 falls back to
+    its PIL processors and says so once per class. latentcast never runs an image
+    processor (no safety checker, no IP-adapter), so the notice only alarms users.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
+@contextmanager
+def _without_torchvision_notice() -> Iterator[None]:
+    logger = logging.getLogger("transformers.utils.import_utils")
+    drop = _DropTorchvisionNotice()
     logger.addFilter(drop)
     try:
         yield
