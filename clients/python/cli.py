@@ -5,8 +5,11 @@ the subcommand (:func:`add_generate_command`) and hands it the parsed arguments
 (:func:`run_generate`).
 
 Exit status: 0 the images were written; 1 an error (server unreachable, token refused,
-request rejected, job failed, connection lost; one line on stderr); 2 a bad command
-line; 130 interrupted (Ctrl-C: the job is cancelled on the server first).
+request rejected, job failed, connection lost; one line on stderr that says what to do);
+2 a bad command line; 130 interrupted (Ctrl-C: the job is cancelled on the server first).
+
+A server that is still loading its model (HTTP 503 ``loading``) is waited for, up to
+``--wait-ready`` seconds, with a spinner.
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.status import Status
 
 from latentcast.protocol import (
     Cancelled,
     Complete,
+    Error,
     ImagePreview,
     LatentPreview,
     Queued,
@@ -47,7 +52,7 @@ from latentcast.protocol import (
     Progress as ProgressMessage,
 )
 
-from .connection import DEFAULT_URL, Client, connect
+from .connection import DEFAULT_URL, WS_PATH, Client, connect
 from .errors import (
     AuthenticationFailed,
     ConnectFailed,
@@ -56,6 +61,7 @@ from .errors import (
     JobFailed,
     LatentcastError,
     RequestRejected,
+    ServerUnavailable,
 )
 from .images import GeneratedImage, latent_to_pil
 from .job import Job, Result
@@ -65,12 +71,23 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-WS_PATH = "/v1/ws"
 URL_ENV = "LATENTCAST_URL"
 TOKEN_ENV = "LATENTCAST_TOKEN"
 
-#: How long Ctrl-C waits for the server's ``cancelled`` before leaving anyway.
+#: How long Ctrl-C waits at least for the server's ``cancelled`` before leaving anyway.
+#: The server stops a running job at the end of its current step, so with slow steps
+#: the wait grows to one and a half steps (see :func:`cancel_grace`)...
 CANCEL_GRACE = 5.0
+#: ...but never beyond this.
+CANCEL_GRACE_MAX = 60.0
+
+#: Default of ``--wait-ready``: how long to wait for a server that is loading its model.
+WAIT_READY = 60.0
+#: How often the handshake is retried while the server is loading.
+READY_POLL = 0.5
+
+#: How a server is started, for the "nothing listens there" error.
+START_HINT = "start one with 'latentcast serve' (or 'make serve' in a source checkout)"
 
 FORMAT_BY_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
@@ -131,6 +148,16 @@ def _input_file(text: str) -> bytes:
         raise argparse.ArgumentTypeError(f"cannot read {text}: {exc.strerror or exc}") from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -172,11 +199,29 @@ def add_generate_command(commands: Any) -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="give up connecting after this long (default 10)",
     )
+    connection.add_argument(
+        "--wait-ready",
+        type=_seconds,
+        default=WAIT_READY,
+        metavar="SECONDS",
+        help=(
+            "while the server is still loading its model, wait this long for it "
+            f"(default {WAIT_READY:g}; 0: fail at once)"
+        ),
+    )
 
-    request = parser.add_argument_group("request (omitted: the server's defaults)")
+    request = parser.add_argument_group(
+        "request (omitted: the server's defaults)",
+        "The default size is the model's own: 64x64 on the built-in tiny models, 512x512 "
+        "on SD 1.x, 1024x1024 on SDXL.",
+    )
     request.add_argument("--negative-prompt", metavar="TEXT", help="what not to draw")
-    request.add_argument("--width", type=int, metavar="PX", help="multiple of 8")
-    request.add_argument("--height", type=int, metavar="PX", help="multiple of 8")
+    request.add_argument(
+        "--width", type=int, metavar="PX", help="multiple of 8 (default: the model's, 64 on tiny)"
+    )
+    request.add_argument(
+        "--height", type=int, metavar="PX", help="multiple of 8 (default: the model's, 64 on tiny)"
+    )
     request.add_argument("--steps", type=int, metavar="N", help="denoising steps")
     request.add_argument(
         "--guidance-scale", type=float, metavar="CFG", help="0 to 30 (<= 1: no guidance)"
@@ -254,6 +299,7 @@ class _Settings:
     url: str
     token: str | None
     connect_timeout: float
+    wait_ready: float
     output: str
     output_format: str
     quality: int | None
@@ -305,6 +351,7 @@ def _settings(args: argparse.Namespace, environ: Mapping[str, str]) -> _Settings
         url=normalize_url(args.url or environ.get(URL_ENV) or DEFAULT_URL),
         token=args.token or environ.get(TOKEN_ENV) or None,
         connect_timeout=args.connect_timeout,
+        wait_ready=args.wait_ready,
         output=output,
         output_format=output_format,
         quality=args.quality,
@@ -343,7 +390,38 @@ class _Run:
     """What the interrupt handler needs to know about the job in flight."""
 
     job: Job | None = None
+    #: True from the moment the submit is sent.
+    submitted: bool = False
     last_step: int = 0
+    display: _Display | None = None
+    #: time.monotonic() of ``started`` or of the latest ``progress``; None before started.
+    last_step_at: float | None = None
+    #: The longest time between two step reports seen so far.
+    slowest_step: float = 0.0
+
+    def step_reported(self) -> None:
+        now = time.monotonic()
+        if self.last_step_at is not None:
+            self.slowest_step = max(self.slowest_step, now - self.last_step_at)
+        self.last_step_at = now
+
+    def step_seconds(self) -> float | None:
+        """How long a step may take, from what was seen; None before the job started."""
+        if self.last_step_at is None:
+            return None
+        return max(self.slowest_step, time.monotonic() - self.last_step_at)
+
+
+def cancel_grace(step_seconds: float | None) -> float:
+    """How long Ctrl-C waits for ``cancelled``.
+
+    The server stops a running job at the end of its current step (at once when it is
+    still queued), so the wait covers one and a half of the slowest steps seen, at least
+    CANCEL_GRACE and at most CANCEL_GRACE_MAX seconds.
+    """
+    if step_seconds is None:
+        return CANCEL_GRACE
+    return min(CANCEL_GRACE_MAX, max(CANCEL_GRACE, 1.5 * step_seconds + 1.0))
 
 
 class _Display:
@@ -377,12 +455,11 @@ class _Display:
 
 async def _generate(settings: _Settings, run: _Run, console: Console) -> list[Path]:
     """Connect, submit, follow the job, write the images; the paths written."""
-    async with connect(
-        settings.url, settings.token, open_timeout=settings.connect_timeout
-    ) as client:
+    async with await _connect(settings, console) as client:
         preview_kind = _preview_kind(settings, client)
         if settings.preview_dir is not None:
             settings.preview_dir.mkdir(parents=True, exist_ok=True)
+        run.submitted = True
         job = await client.submit(
             settings.prompt,
             **settings.params,
@@ -393,9 +470,57 @@ async def _generate(settings: _Settings, run: _Run, console: Console) -> list[Pa
         )
         run.job = job
         with _Display(console, settings.quiet) as display:
+            run.display = display
             await _follow(client, job, settings, run, display, console)
             result = await job.result()
     return _write(result, settings.output)
+
+
+async def _connect(settings: _Settings, console: Console) -> Client:
+    """Open the session; a server still loading its model is waited for (--wait-ready)."""
+    started = time.monotonic()
+    spinner: Status | None = None
+    try:
+        while True:
+            try:
+                return await connect(
+                    settings.url, settings.token, open_timeout=settings.connect_timeout
+                )
+            except ServerUnavailable as exc:
+                if exc.reason != "loading":
+                    raise
+                waited = time.monotonic() - started
+                if waited >= settings.wait_ready:
+                    raise _still_loading(settings) from None
+                text = (
+                    f"waiting for the server at {settings.url} to load its model "
+                    f"(up to {settings.wait_ready:g} s)"
+                )
+                if spinner is None and not settings.quiet:
+                    if console.is_terminal:
+                        spinner = console.status(text)
+                        spinner.start()
+                    else:
+                        console.print(text, markup=False, highlight=False, soft_wrap=True)
+                if spinner is not None:
+                    spinner.update(f"{text}: {waited:.0f} s")
+                await asyncio.sleep(min(READY_POLL, settings.wait_ready - waited))
+    finally:
+        if spinner is not None:
+            spinner.stop()
+
+
+def _still_loading(settings: _Settings) -> LatentcastError:
+    if settings.wait_ready <= 0:
+        return LatentcastError(
+            f"the server at {settings.url} is still loading its model: try again in a "
+            "moment, or let --wait-ready SECONDS wait for it"
+        )
+    return LatentcastError(
+        f"the server at {settings.url} is still loading its model after "
+        f"{settings.wait_ready:g} s: wait longer with --wait-ready SECONDS, or look at the "
+        "server's log"
+    )
 
 
 def _preview_kind(settings: _Settings, client: Client) -> str | None:
@@ -420,10 +545,12 @@ async def _follow(
         if isinstance(event, Queued):
             display.update(f"queued ({event.position} ahead)" if event.position else "queued")
         elif isinstance(event, Started):
+            run.step_reported()
             display.update("generating", total=event.steps, completed=0)
             for warning in event.warnings or ():
                 console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
         elif isinstance(event, ProgressMessage):
+            run.step_reported()
             run.last_step = event.step
             display.update(total=event.steps, completed=event.step)
         elif isinstance(event, LatentPreview | ImagePreview):
@@ -498,28 +625,49 @@ async def _ended(job: Job) -> None:
 async def _interrupt(
     work: asyncio.Task[list[Path]], run: _Run, again: asyncio.Event, console: Console
 ) -> int:
-    """Cancel the job on the server and give it CANCEL_GRACE seconds to say so."""
+    """Cancel the job on the server and give it :func:`cancel_grace` seconds to say so."""
     job = run.job
-    outcome = "before the submit was answered (closing the connection cancels the job)"
-    if job is not None and not job.done:
+    if job is None:
+        outcome = (
+            "before the submit was answered (closing the connection cancels the job)"
+            if run.submitted
+            else "nothing was submitted"
+        )
+    elif job.done:
+        outcome = f"job {job.id} had already ended"
+    else:
+        grace = cancel_grace(run.step_seconds())
+        if run.display is not None:
+            run.display.update(f"cancelling (up to {grace:.0f} s; Ctrl-C again to leave now)")
+        started = time.monotonic()
         await job.cancel()
         ended = asyncio.create_task(_ended(job))
         second = asyncio.create_task(again.wait())
-        await asyncio.wait(
-            {ended, second}, timeout=CANCEL_GRACE, return_when=asyncio.FIRST_COMPLETED
-        )
+        await asyncio.wait({ended, second}, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
         second.cancel()
         ended.cancel()
+        waited = time.monotonic() - started
         if isinstance(job.terminal, Cancelled):
             outcome = f"job {job.id} cancelled at step {job.terminal.step}"
         elif isinstance(job.terminal, Complete):
             outcome = f"job {job.id} had already completed (not saved)"
+        elif isinstance(job.terminal, Error):
+            outcome = f"job {job.id} ended with {job.terminal.code}"
+        elif job.done:
+            outcome = (
+                f"job {job.id}: the connection closed before the cancel was answered "
+                "(the server cancels the jobs of a closed connection)"
+            )
+        elif again.is_set():
+            outcome = (
+                f"job {job.id}: left without waiting for the cancel (closing the connection "
+                "cancels it)"
+            )
         else:
             outcome = (
-                f"job {job.id}: no answer to the cancel yet (closing the connection cancels it)"
+                f"job {job.id}: no answer to the cancel within {waited:.0f} s (the server "
+                "stops a job at the end of a step; closing the connection cancels it)"
             )
-    elif job is not None:
-        outcome = f"job {job.id} had already ended"
     work.cancel()
     await asyncio.gather(work, return_exceptions=True)
     console.print(
@@ -532,6 +680,21 @@ def describe_error(error: LatentcastError) -> str:
     """One line for a person, naming the option behind a rejected field."""
     if isinstance(error, AuthenticationFailed):
         return f"{error.message} (use --token or {TOKEN_ENV})"
+    if isinstance(error, ConnectFailed) and error.reason == "refused":
+        return (
+            f"no latentcast server answers at {error.url} (connection refused): {START_HINT}, "
+            f"or pass --url (or set {URL_ENV}) with the address of a running one"
+        )
+    if isinstance(error, ServerUnavailable) and error.reason == "draining":
+        return (
+            f"the server at {error.url} is shutting down (draining) and takes no new jobs: "
+            "wait for it to restart, or pass --url with another server"
+        )
+    if isinstance(error, ServerUnavailable) and error.reason == "connection_limit":
+        return (
+            f"the server at {error.url} is at its connection limit (its --max-connections): "
+            "try again when a client has left"
+        )
     if isinstance(error, ConnectFailed):
         return error.message
     if isinstance(error, RequestRejected):

@@ -18,13 +18,16 @@ on a consumer (see :mod:`latentcast.client.job`).
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import Generator, Iterable, Mapping
 from types import MappingProxyType, TracebackType
 from typing import Any, Self, TypeAlias
+from urllib.parse import urlsplit, urlunsplit
 
 from PIL import Image
 from websockets.asyncio.client import ClientConnection
@@ -69,7 +72,9 @@ from .job import Job
 
 logger = logging.getLogger("latentcast.client")
 
-DEFAULT_URL = "ws://127.0.0.1:8765/v1/ws"
+#: The path of latentcast's WebSocket endpoint (protocol v1).
+WS_PATH = "/v1/ws"
+DEFAULT_URL = f"ws://127.0.0.1:8765{WS_PATH}"
 DEFAULT_OPEN_TIMEOUT = 10.0
 
 #: A LoRA for ``submit(loras=...)``: a name (scale 1), (name, scale), or a LoraRef.
@@ -445,9 +450,20 @@ class Connecting:
             raise ConnectFailed(f"invalid URL {url!r}: {exc}", url=url) from None
         except TimeoutError:
             raise ConnectFailed(
-                f"cannot connect to {url}: no answer within {self._open_timeout} s", url=url
+                f"cannot connect to {url}: no answer within {self._open_timeout} s",
+                url=url,
+                reason="timeout",
             ) from None
-        except (OSError, InvalidHandshake) as exc:
+        except OSError as exc:
+            if _connection_refused(exc):
+                raise ConnectFailed(
+                    f"no server answers at {url} (connection refused): is a latentcast "
+                    "server running there?",
+                    url=url,
+                    reason="refused",
+                ) from None
+            raise ConnectFailed(f"cannot connect to {url}: {_describe(exc)}", url=url) from None
+        except InvalidHandshake as exc:
             raise ConnectFailed(f"cannot connect to {url}: {_describe(exc)}", url=url) from None
         welcome = None
         try:
@@ -499,12 +515,63 @@ def _refused(url: str, exc: InvalidStatus) -> ConnectFailed:
             f"{url} refused the connection (HTTP 401): a valid token is needed",
             url=url,
             status=status,
+            reason="unauthorized",
         )
     if status == 503:
-        return ServerUnavailable(f"{url} is unavailable (HTTP 503{detail})", url=url, status=status)
+        reason = _unavailable_reason(body)
+        what = {
+            "loading": "is still loading its model; try again in a moment",
+            "draining": "is shutting down (draining) and takes no new connections",
+            "connection_limit": "is at its connection limit; try again later",
+        }.get(reason or "", "is unavailable")
+        return ServerUnavailable(
+            f"{url} {what} (HTTP 503{detail if reason is None else ''})",
+            url=url,
+            status=status,
+            reason=reason,
+        )
+    if status == 404:
+        parts = urlsplit(url)
+        if parts.path != WS_PATH:
+            suggestion = urlunsplit(parts._replace(path=WS_PATH))
+            return ConnectFailed(
+                f"no latentcast endpoint at {parts.path or '/'} on {parts.netloc} (HTTP 404); "
+                f"the WebSocket path is {WS_PATH}: try {suggestion}",
+                url=url,
+                status=status,
+                reason="not_found",
+            )
+        return ConnectFailed(
+            f"{url} answered HTTP 404: whatever listens at {parts.netloc} has no {WS_PATH} "
+            "endpoint; is it a latentcast server?",
+            url=url,
+            status=status,
+            reason="not_found",
+        )
     return ConnectFailed(
         f"{url} refused the connection (HTTP {status}{detail})", url=url, status=status
     )
+
+
+def _unavailable_reason(body: str) -> str | None:
+    """What a latentcast 503 body ("unavailable: loading") says, as a reason code."""
+    text = body.lower()
+    if "loading" in text:
+        return "loading"
+    if "draining" in text or "shutting down" in text:
+        return "draining"
+    if "connection limit" in text:
+        return "connection_limit"
+    return None
+
+
+def _connection_refused(exc: OSError) -> bool:
+    """True when nothing listens there (every address tried refused the connection)."""
+    if isinstance(exc, ConnectionRefusedError):
+        return True
+    # asyncio joins the errors of several addresses (IPv6 and IPv4) into one OSError.
+    codes = re.findall(r"\[Errno (\d+)\]", str(exc)) if exc.errno is None else []
+    return bool(codes) and all(int(code) == errno.ECONNREFUSED for code in codes)
 
 
 def _describe(exc: BaseException) -> str:

@@ -26,13 +26,27 @@ class ConnectFailed(LatentcastError):
 
     ``status`` is the HTTP status of a refused WebSocket upgrade, or ``None`` when the
     server could not be reached at all or did not speak protocol v1.
+
+    ``reason`` says why, where the client can tell: ``"refused"`` (nothing listens at
+    that host and port), ``"timeout"`` (no answer in time), ``"not_found"`` (HTTP 404:
+    no WebSocket endpoint at that path; latentcast's is ``/v1/ws``), ``"unauthorized"``
+    (HTTP 401), and for :class:`ServerUnavailable` ``"loading"``, ``"draining"`` or
+    ``"connection_limit"``; otherwise ``None``.
     """
 
-    def __init__(self, message: str, *, url: str, status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str,
+        status: int | None = None,
+        reason: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.url = url
         self.status = status
+        self.reason = reason
 
 
 class AuthenticationFailed(ConnectFailed):
@@ -40,7 +54,11 @@ class AuthenticationFailed(ConnectFailed):
 
 
 class ServerUnavailable(ConnectFailed):
-    """HTTP 503: the server is loading its model, draining, or at its connection limit."""
+    """HTTP 503: the server is loading its model, draining, or at its connection limit.
+
+    ``reason`` is ``"loading"`` (try again in a moment), ``"draining"`` (shutting down)
+    or ``"connection_limit"``, from the server's answer; ``None`` when it did not say.
+    """
 
 
 class RequestRejected(LatentcastError):

@@ -5,20 +5,30 @@ from __future__ import annotations
 import argparse
 
 import pytest
+from websockets.datastructures import Headers
+from websockets.exceptions import InvalidStatus
+from websockets.http11 import Response
 
 from latentcast.client import (
     AuthenticationFailed,
+    ConnectFailed,
     ConnectionLost,
     GeneratedImage,
     JobFailed,
     RequestRejected,
+    ServerUnavailable,
 )
 from latentcast.client.cli import (
+    CANCEL_GRACE,
+    CANCEL_GRACE_MAX,
+    WAIT_READY,
     _settings,
+    cancel_grace,
     describe_error,
     normalize_url,
     output_paths,
 )
+from latentcast.client.connection import _connection_refused, _refused
 from latentcast.server.cli import build_parser
 
 
@@ -104,3 +114,80 @@ def test_error_lines_name_the_option() -> None:
     assert "--token" in describe_error(AuthenticationFailed("401", url="ws://x", status=401))
     assert "shutdown" in describe_error(JobFailed("a", "shutdown", "stopping"))
     assert "1001" in describe_error(ConnectionLost("closed (1001)", code=1001))
+
+
+def _http_refusal(url: str, status: int, body: bytes) -> ConnectFailed:
+    response = Response(status, "", Headers(), body)
+    return _refused(url, InvalidStatus(response))
+
+
+def test_a_404_names_the_websocket_path() -> None:
+    error = _http_refusal("ws://h:8765/ws?token=t", 404, b"not found\n")
+    assert (error.status, error.reason) == (404, "not_found")
+    assert "no latentcast endpoint at /ws on h:8765 (HTTP 404)" in error.message
+    assert "the WebSocket path is /v1/ws: try ws://h:8765/v1/ws?token=t" in error.message
+    # The right path and still 404: not a latentcast server.
+    other = _http_refusal("ws://h:80/v1/ws", 404, b"")
+    assert other.reason == "not_found" and "is it a latentcast server?" in other.message
+    assert describe_error(error) == error.message
+
+
+@pytest.mark.parametrize(
+    ("body", "reason", "says"),
+    [
+        (b"unavailable: loading\n", "loading", "still loading its model"),
+        (b"unavailable: draining\n", "draining", "shutting down (draining)"),
+        (
+            b"unavailable: the connection limit is reached\n",
+            "connection_limit",
+            "at its connection limit",
+        ),
+        (b"", None, "is unavailable (HTTP 503)"),
+    ],
+)
+def test_a_503_says_why(body: bytes, reason: str | None, says: str) -> None:
+    error = _http_refusal("ws://h:1/v1/ws", 503, body)
+    assert isinstance(error, ServerUnavailable)
+    assert error.reason == reason
+    assert says in error.message
+    line = describe_error(error)
+    assert says in line and "\n" not in line
+    if reason == "draining":
+        assert "--url" in line
+    if reason == "connection_limit":
+        assert "--max-connections" in line
+
+
+def test_nothing_listening_says_how_to_start_a_server() -> None:
+    error = ConnectFailed("x", url="ws://127.0.0.1:9999/v1/ws", reason="refused")
+    line = describe_error(error)
+    assert line.startswith("no latentcast server answers at ws://127.0.0.1:9999/v1/ws")
+    assert "'latentcast serve'" in line and "'make serve'" in line and "--url" in line
+
+
+def test_connection_refused_is_recognised() -> None:
+    assert _connection_refused(ConnectionRefusedError(111, "Connect call failed"))
+    both = OSError(
+        "Multiple exceptions: [Errno 111] Connect call failed ('::1', 1, 0, 0), "
+        "[Errno 111] Connect call failed ('127.0.0.1', 1)"
+    )
+    assert _connection_refused(both)
+    mixed = OSError("Multiple exceptions: [Errno 111] a, [Errno 101] Network is unreachable")
+    assert not _connection_refused(mixed)
+    assert not _connection_refused(OSError(113, "No route to host"))
+
+
+def test_wait_ready_option() -> None:
+    assert _settings(_parse("p"), {}).wait_ready == WAIT_READY == 60
+    assert _settings(_parse("p", "--wait-ready", "2.5"), {}).wait_ready == 2.5
+    assert _settings(_parse("p", "--wait-ready", "0"), {}).wait_ready == 0
+    for bad in ("-1", "soon", "inf", "nan"):
+        with pytest.raises(SystemExit):
+            _parse("p", "--wait-ready", bad)
+
+
+def test_cancel_grace_covers_a_slow_step() -> None:
+    assert cancel_grace(None) == CANCEL_GRACE  # still queued: cancelled at once
+    assert cancel_grace(0.05) == CANCEL_GRACE
+    assert cancel_grace(6.0) == 10.0  # one and a half steps, and a second
+    assert cancel_grace(600.0) == CANCEL_GRACE_MAX
