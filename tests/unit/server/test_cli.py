@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import types
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from latentcast.protocol import Limits
-from latentcast.server import __version__
-from latentcast.server.cli import SERVE_OPTIONS, build_parser, config_from, main
+from latentcast.server import __version__, cli
+from latentcast.server.cli import (
+    BUILTIN_MODELS,
+    SERVE_OPTIONS,
+    build_parser,
+    config_from,
+    describe_listen_error,
+    listen_problem,
+    main,
+)
 from latentcast.server.config import ServerConfig
 
 # Section 9 of PROTOCOL.md: every option a conforming server has.
@@ -197,7 +208,7 @@ def test_main_reads_the_process_environment(
     clean_env.setenv("LATENTCAST_MAX_QUEUE", "0")
     err = run_main_error(["serve", "--port", "1"], capsys)
     assert "--max-queue" in err
-    assert "--port" not in err
+    assert "--port" not in err.splitlines()[-1]
 
 
 # --------------------------------------------------------------------------- invalid values
@@ -273,6 +284,114 @@ def test_a_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--bogus" in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "command", "suggestion"),
+    [
+        (["serve", "--prot", "9000"], "serve", "--port"),
+        (["serve", "--max-queeu=3"], "serve", "--max-queue"),
+        (["generate", "a fox", "--stepz", "5"], "generate", "--steps"),
+        (["generate", "--sed", "1", "a fox"], "generate", "--seed"),
+    ],
+)
+def test_an_unknown_option_gets_the_subcommand_usage_and_a_suggestion(
+    argv: list[str], command: str, suggestion: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = run_main_error(argv, capsys)
+    assert err.startswith(f"usage: latentcast {command} ")
+    assert f"latentcast {command}: error: unrecognized arguments: " in err
+    assert f"did you mean {suggestion} " in err
+    assert "usage: latentcast [-h]" not in err
+
+
+def test_an_unknown_option_without_a_close_match(capsys: pytest.CaptureFixture[str]) -> None:
+    err = run_main_error(["serve", "--zzzzzz"], capsys)
+    assert err.startswith("usage: latentcast serve ")
+    assert "unrecognized arguments: --zzzzzz" in err and "did you mean" not in err
+
+
+def test_invalid_configuration_shows_the_serve_usage(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = run_main_error(["serve", "--port", "70000"], capsys)
+    assert err.startswith("usage: latentcast serve ")
+    assert "latentcast serve: error: invalid configuration: --port" in err
+
+
+# --------------------------------------------------------------------------- listening
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port something listens on (127.0.0.1)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_listen_problem_names_a_port_in_use(busy_port: int) -> None:
+    problem = listen_problem("127.0.0.1", busy_port)
+    assert problem is not None
+    assert f"port {busy_port} on 127.0.0.1 is already in use" in problem
+    assert "--port N" in problem and "--port 0" in problem
+    # Any address that covers it is refused too, as the real bind would be.
+    assert listen_problem("0.0.0.0", busy_port) is not None
+
+
+def test_listen_problem_passes_a_free_port_and_port_0() -> None:
+    assert listen_problem("127.0.0.1", 0) is None
+    assert listen_problem("127.0.0.1", _free_port()) is None
+
+
+def test_listen_problem_names_a_bad_host() -> None:
+    problem = listen_problem("no-such-host.invalid", 8765)
+    assert problem is not None and "--host" in problem
+    problem = listen_problem("192.0.2.1", 8765)  # TEST-NET-1: on no machine
+    assert problem is not None and "not an address of this machine" in problem
+
+
+def test_describe_listen_error() -> None:
+    in_use = OSError(errno.EADDRINUSE, "error while attempting to bind: address in use")
+    assert "port 9000 on ::1 is already in use" in str(describe_listen_error("::1", 9000, in_use))
+    assert "--port" in str(describe_listen_error("h", 80, OSError(errno.EACCES, "denied")))
+    assert describe_listen_error("h", 80, OSError(errno.ENOSPC, "full")) is None
+
+
+def test_a_port_taken_after_the_check_is_reported_the_same_way(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A race: the port was free at the check, taken at the real bind."""
+
+    def run_and_exit(config: ServerConfig) -> int:
+        raise OSError(errno.EADDRINUSE, "error while attempting to bind on address")
+
+    clean_env.setattr(cli, "_quiet_libraries", lambda: None)
+    fake_app = types.SimpleNamespace(run_and_exit=run_and_exit)
+    clean_env.setitem(sys.modules, "latentcast.server.app", fake_app)
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--port", str(_free_port())])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is already in use" in err and "--port 0" in err
+
+
+def test_ctrl_c_before_the_command_runs_exits_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["generate", "x"]) == 130
+    assert capsys.readouterr().err == "latentcast: interrupted\n"
+
+
 # --------------------------------------------------------------------------- help, version
 
 
@@ -297,6 +416,45 @@ def test_serve_help_mentions_every_option(capsys: pytest.CaptureFixture[str]) ->
     for option in SERVE_OPTIONS:
         assert option.flag in out
     assert "/v1/ws" in out
+
+
+def test_serve_help_lists_the_builtin_models_and_readable_metavars(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "tiny, tiny-sdxl, tiny-inpaint" in out
+    for usage in (
+        "--host HOST",
+        "--port PORT",
+        "--model NAME|PATH",
+        "--model-config DIR",
+        "--lora NAME=PATH",
+        "--token TOKEN",
+        "--allow-origin ORIGIN",
+        "--preview-decoder DIR",
+        "--cache-dir DIR",
+        "--drain-timeout SECONDS",
+        "--max-queue N",
+        "--max-width PX",
+    ):
+        assert usage in out
+    assert "CHECKPOINT_CONFIG" not in out and "--max-queue MAX_QUEUE" not in out
+
+
+def test_builtin_models_are_the_models_module_names() -> None:
+    from latentcast.server.models import TINY_MODEL_NAMES
+
+    assert BUILTIN_MODELS == TINY_MODEL_NAMES
+
+
+def test_generate_help_gives_the_default_size(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "64x64 on the built-in tiny models" in out
+    assert "--wait-ready SECONDS" in out
 
 
 def test_every_protocol_option_exists() -> None:
