@@ -7,11 +7,13 @@
     serve     until stop is requested (SIGTERM / SIGINT, or request_stop())
     drain()   PROTOCOL.md section 7: refuse new work, tell every session, let jobs end
               until the deadline, then end the rest with error{shutdown}, give each
-              connection a short grace to read, close with 1001
+              connection a short grace to read, close with 1001 (abort if it does not read)
     close()   stop the engine loop and the threads; idempotent
 
 :func:`run` wires these to signals: a handler only records the signal and wakes the
-loop; a second one moves the drain deadline to now.
+loop; a second one moves the drain deadline to now. :func:`run_and_exit` ends the
+process the moment the server is closed, so that the exit bounds of section 7 hold
+even while the engine thread is still inside a long denoising step.
 """
 
 from __future__ import annotations
@@ -22,17 +24,26 @@ import enum
 import logging
 import os
 import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import Self
+from typing import NoReturn, Self
 
 import torch
 from websockets.asyncio.server import Server as WebSocketServer
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.frames import CloseCode
 
-from latentcast.protocol import Defaults, Draining, LatentRGBInfo, ModelInfo, SubmitRules
+from latentcast.protocol import (
+    Defaults,
+    Draining,
+    Error,
+    ErrorCode,
+    LatentRGBInfo,
+    ModelInfo,
+    SubmitRules,
+)
 
 from . import __version__
 from .config import ServerConfig
@@ -46,8 +57,21 @@ from .transport import WS_PATH, HttpFront, ServerStatus
 logger = logging.getLogger("latentcast.server")
 
 CLOSE_TIMEOUT = 5.0
-#: How long close() waits for the engine thread to leave a stopped job (or a model load).
+#: How long close() waits, by default, for the engine thread to leave a stopped job (or a
+#: model load). A process that exits does not wait this long: see :func:`run`.
 ENGINE_STOP_TIMEOUT = 30.0
+#: PROTOCOL.md section 7: the process exits within the drain timeout + this of the first
+#: signal, and within this of a second one.
+EXIT_BOUND = 6.0
+#: Kept back from EXIT_BOUND for the last log lines and the exit itself.
+EXIT_MARGIN = 0.3
+#: After the sessions are closed, how long close() waits for the websockets server to
+#: let go of connections still in their handshake before it aborts them.
+SERVER_CLOSE_TIMEOUT = 0.5
+#: Keepalive (PROTOCOL.md section 1): a ping every 20 s, closed with 1011 when the pong
+#: has not come 20 s later.
+PING_INTERVAL = 20.0
+PING_TIMEOUT = 20.0
 
 
 class Phase(enum.Enum):
@@ -85,6 +109,11 @@ class Server:
         self._stop_requested = asyncio.Event()
         self._deadline_now = asyncio.Event()
         self._load_error: BaseException | None = None
+        #: Why the engine loop died, if it did: fatal for the whole server.
+        self._engine_error: BaseException | None = None
+        #: time.monotonic() of the first and the latest request_stop() (signals).
+        self._first_stop_at: float | None = None
+        self._last_stop_at: float | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -92,12 +121,18 @@ class Server:
         logger.debug("phase %s -> %s", self.phase.value, phase.value)
         self.phase = phase
 
+    def _accepting(self) -> bool:
+        """Whether new connections and jobs are welcome."""
+        return self.phase is Phase.READY and self._engine_error is None
+
     def status(self) -> ServerStatus:
         reason = {Phase.READY: None, Phase.DRAINING: "draining", Phase.CLOSED: "draining"}.get(
             self.phase, "loading"
         )
+        if self._engine_error is not None:
+            reason = "draining"  # the server is on its way out
         return ServerStatus(
-            ready=self.phase is Phase.READY,
+            ready=self._accepting(),
             reason=reason,
             at_connection_limit=len(self.sessions) >= self.config.max_connections,
         )
@@ -111,6 +146,16 @@ class Server:
     def load_error(self) -> BaseException | None:
         """Why the model failed to load, if it did."""
         return self._load_error
+
+    @property
+    def engine_error(self) -> BaseException | None:
+        """Why the engine loop died, if it did (the server then shuts down)."""
+        return self._engine_error
+
+    @property
+    def exit_status(self) -> int:
+        """0 after a clean run; 1 when the model could not load or the engine died."""
+        return 1 if self._load_error is not None or self._engine_error is not None else 0
 
     @property
     def port(self) -> int:
@@ -139,6 +184,8 @@ class Server:
             compression=None,
             max_size=self.config.max_message_bytes,
             close_timeout=CLOSE_TIMEOUT,
+            ping_interval=PING_INTERVAL,
+            ping_timeout=PING_TIMEOUT,
             server_header=f"latentcast/{__version__}",
         )
         self._port = int(next(iter(self._ws_server.sockets)).getsockname()[1])
@@ -184,7 +231,9 @@ class Server:
         self._context = self._session_context(model)
         engine = Engine(model)
         worker = EngineWorker(engine, self._thread, self.scheduler, self._encoder, self.metrics)
-        self._tasks.append(asyncio.create_task(worker.run(), name="engine-loop"))
+        engine_loop = asyncio.create_task(worker.run(), name="engine-loop")
+        engine_loop.add_done_callback(self._engine_loop_ended)
+        self._tasks.append(engine_loop)
         logger.info(
             "model %r loaded in %.1f s (family %s, %s, %s)",
             model.name,
@@ -196,6 +245,28 @@ class Server:
         if self.phase is Phase.LOADING:
             self._set_phase(Phase.READY)
             self._ready.set()
+
+    def _engine_loop_ended(self, task: asyncio.Task[None]) -> None:
+        """The engine loop only ends when close() cancels it; anything else is fatal.
+
+        As vLLM's EngineDeadError: said at once and to everyone. Every unfinished job ends
+        with ``error{internal}``, /ready turns 503 and the server shuts down (exit status 1).
+        """
+        if task.cancelled() or self.phase is Phase.CLOSED:
+            return
+        error = task.exception() or RuntimeError("the engine loop returned")
+        self._engine_error = error
+        logger.critical(
+            "the engine loop died (%s: %s): ending %d unfinished jobs and shutting down",
+            type(error).__name__,
+            error,
+            len(self.scheduler.unfinished),
+            exc_info=error,
+        )
+        message = f"the engine stopped ({type(error).__name__}: {error}); the server is exiting"
+        for job in sorted(self.scheduler.unfinished, key=lambda job: job.seq):
+            job.end(Error(id=job.id, code=ErrorCode.INTERNAL, message=message))
+        self.request_stop()
 
     def _session_context(self, model: LoadedModel) -> SessionContext:
         config = self.config
@@ -229,7 +300,7 @@ class Server:
             model=info,
             scheduler=self.scheduler,
             metrics=self.metrics,
-            is_draining=lambda: self.phase is not Phase.READY,
+            is_draining=lambda: not self._accepting(),
             image_previews=latent_rgb is not None or model.preview_decoder is not None,
             scheduler_step_limits={
                 name: limit
@@ -256,7 +327,7 @@ class Server:
 
     async def _handle_connection(self, connection: ServerConnection) -> None:
         context = self._context
-        if context is None or self.phase is not Phase.READY:
+        if context is None or not self._accepting():
             # Checked at the handshake too; this covers a phase change in between.
             await connection.close(CloseCode.GOING_AWAY, "server not ready")
             return
@@ -283,9 +354,26 @@ class Server:
 
     def request_stop(self) -> None:
         """Begin the drain (first call) or move its deadline to now (later calls)."""
+        now = time.monotonic()
+        if self._first_stop_at is None:
+            self._first_stop_at = now
+        self._last_stop_at = now
         if self._stop_requested.is_set():
             self._deadline_now.set()
         self._stop_requested.set()
+
+    def exit_deadline(self) -> float | None:
+        """When the process must be gone (time.monotonic()), once a stop was requested.
+
+        PROTOCOL.md section 7: the drain timeout + 6 s after the first signal, 6 s after a
+        later one, whichever comes first.
+        """
+        if self._first_stop_at is None or self._last_stop_at is None:
+            return None
+        deadline = self._first_stop_at + self.config.drain_timeout + EXIT_BOUND
+        if self._last_stop_at > self._first_stop_at:  # a second signal
+            deadline = min(deadline, self._last_stop_at + EXIT_BOUND)
+        return deadline
 
     async def wait_stop_requested(self) -> None:
         await self._stop_requested.wait()
@@ -335,25 +423,36 @@ class Server:
 
     # ------------------------------------------------------------------ 4. close
 
-    async def close(self) -> None:
-        """Stop everything. Idempotent; drain() first for a graceful stop."""
+    async def close(self, engine_timeout: float = ENGINE_STOP_TIMEOUT) -> bool:
+        """Stop everything; True when the engine thread has ended. Idempotent.
+
+        drain() first for a graceful stop. Waits up to ``engine_timeout`` for the engine
+        thread to leave a stopped job (it checks at every step boundary); a process that
+        must exit on time passes what is left of its exit bound.
+        """
         if self.phase is Phase.CLOSED:
-            return
+            return not self._thread.alive
         self._set_phase(Phase.CLOSED)
         if self._ws_server is not None:
+            # drain() closed every session; what remains are connections still in their
+            # handshake (refused with 503 from now on) and sessions drain() never saw.
             self._ws_server.close(close_connections=True)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(CLOSE_TIMEOUT + 1):
+            try:
+                async with asyncio.timeout(SERVER_CLOSE_TIMEOUT):
                     await self._ws_server.wait_closed()
+            except TimeoutError:
+                for connection in self._ws_server.connections:
+                    connection.transport.abort()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        # A job stopped at the deadline leaves the engine within one step; wait for that,
-        # so the process never exits with torch still running on the engine thread.
-        self._thread.close()
-        if not await asyncio.to_thread(self._thread.join, ENGINE_STOP_TIMEOUT):
-            logger.warning("the engine thread is still busy; exiting without it")
         self._encoder.shutdown(wait=False, cancel_futures=True)
+        # A job stopped at the deadline leaves the engine at its next step boundary.
+        self._thread.close()
+        if await asyncio.to_thread(self._thread.join, max(0.0, engine_timeout)):
+            return True
+        logger.warning("the engine thread is still inside a step after %.1f s", engine_timeout)
+        return False
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -374,7 +473,11 @@ def _url_host(host: str) -> str:
 
 
 async def run(config: ServerConfig) -> int:
-    """Serve until SIGTERM or SIGINT, drain, and return the process exit status."""
+    """Serve until SIGTERM or SIGINT, drain, and return the process exit status.
+
+    A model that cannot be loaded ends the server at once with status 1 (nothing was
+    served, so there is nothing to drain).
+    """
     server = Server(config)
     loop = asyncio.get_running_loop()
 
@@ -388,11 +491,32 @@ async def run(config: ServerConfig) -> int:
     try:
         await server.start()
         await server.wait_stop_requested()
-        await server.drain()
+        if server.load_error is None:
+            await server.drain()
     finally:
-        await server.close()
+        deadline = server.exit_deadline()
+        engine_timeout = (
+            ENGINE_STOP_TIMEOUT if deadline is None else deadline - EXIT_MARGIN - time.monotonic()
+        )
+        if not await server.close(engine_timeout=engine_timeout):
+            logger.warning("exiting while the engine thread is still inside a step")
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-    if server.load_error is not None:
-        return 1
-    return 0
+    return server.exit_status
+
+
+def run_and_exit(config: ServerConfig) -> NoReturn:
+    """Run the server in this process, then end the process at once with its status.
+
+    ``os._exit`` rather than a normal interpreter exit: tearing down torch, diffusers and
+    transformers takes seconds after the server is done, and an engine thread still
+    inside a step at that moment makes the runtime abort (SIGABRT). Logs and standard
+    streams are flushed first; nothing else in this process holds data to save.
+    """
+    status = asyncio.run(run(config))
+    logger.info("exiting with status %d", status)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)

@@ -88,6 +88,10 @@ class EngineThread:
         """Let the thread end once the calls already queued have run."""
         self._calls.put(None)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def join(self, timeout: float) -> bool:
         """Wait (blocking) for the thread to end; False if it is still busy after ``timeout``."""
         self._thread.join(timeout)

@@ -46,6 +46,11 @@ from .scheduler import Scheduler
 
 logger = logging.getLogger("latentcast.session")
 
+#: How long a closing connection may take to exchange close frames before it is aborted.
+#: A client that reads answers within a round trip; one that does not would hold the
+#: connection (and the process at exit) forever.
+CLOSE_HANDSHAKE_TIMEOUT = 0.5
+
 
 @dataclass(frozen=True)
 class SessionContext:
@@ -116,8 +121,21 @@ class Session:
             await asyncio.gather(writer, return_exceptions=True)
             logger.info("session=%s closed (code %s)", self.id, self.connection.close_code)
 
-    async def close(self, code: int, reason: str, *, flush_timeout: float = 0.0) -> None:
-        """Close the connection, first giving the client up to ``flush_timeout`` to read."""
+    async def close(
+        self,
+        code: int,
+        reason: str,
+        *,
+        flush_timeout: float = 0.0,
+        handshake_timeout: float = CLOSE_HANDSHAKE_TIMEOUT,
+    ) -> None:
+        """Close the connection; it is gone within ``flush_timeout + handshake_timeout``.
+
+        First the client gets up to ``flush_timeout`` to read what is buffered, then up to
+        ``handshake_timeout`` for the closing handshake. A client that does not read cannot
+        take the close frame (websockets would wait for the socket to drain forever), so a
+        connection still open by then is aborted: the TCP connection is reset at once.
+        """
         if self._closing:
             return
         self._closing = True
@@ -127,7 +145,17 @@ class Session:
                     await self.buffer.wait_empty()
             except TimeoutError:
                 logger.info("session=%s did not read its last messages in time", self.id)
-        await self.connection.close(code, reason)
+        try:
+            async with asyncio.timeout(handshake_timeout):
+                await self.connection.close(code, reason)
+        except TimeoutError:
+            logger.warning(
+                "session=%s did not complete the close within %.1f s: aborting the connection",
+                self.id,
+                handshake_timeout,
+            )
+            self.connection.transport.abort()
+            await self.connection.wait_closed()
 
     def stalled(self) -> bool:
         """True when a message that must not be dropped has waited past the send timeout."""

@@ -1,4 +1,5 @@
-"""Failures stay contained: generation_failed ends one job, internal answers one message.
+"""Failures stay contained: generation_failed ends one job, internal answers one message;
+only a dead engine loop is fatal, and then everyone hears it at once.
 
 These are the only tests that inject a fault, since a healthy tiny model never fails: the
 engine, scheduler and sessions stay real; one call inside them raises once.
@@ -6,10 +7,16 @@ engine, scheduler and sessions stay real; one call inside them raises once.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import urllib.error
+import urllib.request
+
 import pytest
 
+from latentcast.protocol import Draining
 from latentcast.server.scheduler import Scheduler
-from tests.support import open_client
+from tests.support import LONG_JOB, is_terminal, open_client
 
 
 async def test_a_failing_job_ends_with_generation_failed_and_the_engine_goes_on(
@@ -71,3 +78,44 @@ async def test_an_unexpected_error_is_answered_with_internal_and_the_session_goe
         await client.submit("first", steps=1)
         assert (await client.job_messages("first"))[-1].type == "complete"
         await client.close()
+
+
+async def test_a_dead_engine_loop_is_fatal_and_said_to_everyone_at_once(
+    start_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not one job's failure: the loop that feeds the engine itself raises."""
+    async with start_server() as server:
+        client = await open_client(server.ws_url)
+        await client.submit("running", **LONG_JOB)
+        await client.recv_until(lambda m: m.type == "started")
+        await client.submit("waiting", steps=1)
+        await client.recv_until(lambda m: m.type == "accepted" and m.id == "waiting")
+
+        async def broken(self):
+            raise RuntimeError("simulated engine loop bug")
+
+        monkeypatch.setattr(Scheduler, "next_job", broken)
+        await client.send({"type": "cancel", "id": "running"})  # the loop asks for the next job
+        messages = await client.recv_until(lambda m: is_terminal(m, "waiting"))
+        error = messages[-1]
+        assert (error.type, error.code) == ("error", "internal")
+        assert "engine stopped" in error.message and "simulated engine loop bug" in error.message
+        assert server.engine_error is not None
+        assert server.exit_status == 1
+        status, body = await asyncio.to_thread(_ready, server.http_url)
+        assert (status, body) == (503, {"ready": False, "reason": "draining"})
+        # The server shuts itself down: told, then closed.
+        async with asyncio.timeout(10):
+            await server.wait_stop_requested()
+        drain = asyncio.create_task(server.drain())
+        await client.recv_until(lambda m: isinstance(m, Draining))
+        await drain
+        assert client.ws.close_code == 1001
+
+
+def _ready(http_url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(http_url + "/ready", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
