@@ -582,6 +582,7 @@ def _save_preview(client: Client, preview: LatentPreview | ImagePreview, folder:
 def _write(result: Result, pattern: str) -> list[Path]:
     paths = output_paths(pattern, result.images)
     for image, path in zip(result.images, paths, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
     return paths
 

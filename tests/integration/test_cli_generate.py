@@ -56,7 +56,7 @@ def _metric(server, name: str, **labels: str) -> float:
 
 async def test_generate_writes_images_and_previews(start_server, tmp_path: Path) -> None:
     async with start_server() as server:
-        out = tmp_path / "out.png"
+        out = tmp_path / "out" / "out.png"  # a folder that does not exist yet
         previews = tmp_path / "previews"
         code, stdout, stderr = await _cli(
             "a red fox",
@@ -74,7 +74,7 @@ async def test_generate_writes_images_and_previews(start_server, tmp_path: Path)
             str(previews),
         )
         assert code == 0, stderr
-        second = tmp_path / "out-1.png"
+        second = tmp_path / "out" / "out-1.png"
         assert stdout.split() == [str(out), str(second)]
         for path in (out, second):
             with Image.open(path) as image:
