@@ -326,8 +326,8 @@ def _settings(args: argparse.Namespace, environ: Mapping[str, str]) -> _Settings
     except (KeyError, IndexError, ValueError) as exc:
         parser.error(f"-o {output!r}: only {{index}} and {{seed}} may be used ({exc})")
     parent = Path(output.format(index=0, seed=0)).parent
-    if not parent.is_dir():
-        parser.error(f"-o {output!r}: the folder {str(parent)!r} does not exist")
+    if parent.exists() and not parent.is_dir():
+        parser.error(f"-o {output!r}: {str(parent)!r} is a file, not a folder")
     if args.mask is not None and args.init_image is None:
         parser.error("--mask needs --init-image")
     if args.preview is not None and args.preview_dir is None:

@@ -59,7 +59,7 @@ def test_settings_infer_the_format_and_read_the_environment(tmp_path) -> None:
     [
         ["-o", "x.bmp"],
         ["-o", "{nope}.png"],
-        ["-o", "/no/such/folder/x.png"],
+        ["-o", f"{__file__}/x.png"],  # a file where the folder should be
         ["--mask", __file__],
         ["--preview", "latent"],
     ],
