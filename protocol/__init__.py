@@ -5,7 +5,9 @@ messages (or a :class:`ProtocolError`) out, and encode typed messages to frames.
 """
 
 from .codec import (
+    DECODE_STEP_BYTES,
     decode_client_message,
+    decode_client_message_in_steps,
     decode_server_message,
     encode_message,
     unpack_frame,
@@ -53,6 +55,7 @@ from .messages import (
 )
 
 __all__ = [
+    "DECODE_STEP_BYTES",
     "DROPPABLE_TYPES",
     "FRAME_ERROR_CODES",
     "PROTOCOL_VERSION",
@@ -92,6 +95,7 @@ __all__ = [
     "UnknownType",
     "Welcome",
     "decode_client_message",
+    "decode_client_message_in_steps",
     "decode_server_message",
     "encode_message",
     "unpack_frame",

@@ -46,6 +46,18 @@ TERMINAL_ERROR_CODES = frozenset(
 FRAME_ERROR_CODES = frozenset({ErrorCode.BAD_FRAME, ErrorCode.UNKNOWN_TYPE})
 
 
+#: The most characters of a client's value that an error message quotes.
+QUOTE_LIMIT = 64
+
+
+def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(text)``, cut to about ``limit`` characters: error messages quote what a client
+    sent, and what a client sends can be as long as a frame."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 class ProtocolError(Exception):
     """A client message that the protocol rejects before any server logic sees it."""
 
@@ -81,9 +93,19 @@ class InvalidRequest(ProtocolError):
 
     code = ErrorCode.INVALID_REQUEST
 
-    def __init__(self, message: str, *, field: str, id: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str,
+        id: str | None = None,
+        message_type: str | None = None,
+    ) -> None:
         super().__init__(message, id=id)
         self._field = field
+        #: The ``type`` of the rejected message (``"submit"``, ``"cancel"``), when known: a
+        #: server counts a rejected submit as a rejected job.
+        self.message_type = message_type
 
     @property
     def field(self) -> str:

@@ -25,6 +25,13 @@ MAX_LORA_SCALE = 10.0
 MIN_PREVIEW_SIDE = 8
 
 DEFAULT_MAX_BAD_FRAMES = 16
+
+#: Structural bounds of every client message (PROTOCOL.md section 1): a list or map with
+#: more entries, or a value nested deeper, is a ``bad_frame``. No valid message comes near.
+MAX_CONTAINER_ENTRIES = 256
+MAX_NESTING_DEPTH = 32
+#: ``params.loras``: at most this many entries.
+MAX_LORAS = 16
 DEFAULT_STRENGTH = 0.8
 DEFAULT_OUTPUT_QUALITY = 90
 

@@ -24,11 +24,13 @@ from pydantic import (
     model_validator,
 )
 
+from .errors import quoted
 from .limits import (
     DEFAULT_OUTPUT_QUALITY,
     JOB_ID_PATTERN,
     MAX_GUIDANCE_SCALE,
     MAX_LORA_SCALE,
+    MAX_LORAS,
     MAX_SEED,
     MIN_PREVIEW_SIDE,
     MIN_SIDE,
@@ -88,7 +90,7 @@ class LoraRef(_ClientModel):
         rules = _rules(info)
         if rules is not None and name not in rules.loras:
             known = ", ".join(rules.loras) or "none"
-            raise ValueError(f"unknown LoRA {name!r} (this server has: {known})")
+            raise ValueError(f"unknown LoRA {quoted(name)} (this server has: {known})")
         return name
 
 
@@ -109,7 +111,7 @@ class GenerationParams(_ClientModel):
     init_image: bytes | None = None
     strength: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     mask: bytes | None = None
-    loras: list[LoraRef] = Field(default_factory=list)
+    loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
 
     @property
     def mode(self) -> GenerationMode:
@@ -161,7 +163,7 @@ class GenerationParams(_ClientModel):
         rules = _rules(info)
         if name is not None and rules is not None and name not in rules.schedulers:
             raise ValueError(
-                f"unknown scheduler {name!r} (this server has: {', '.join(rules.schedulers)})"
+                f"unknown scheduler {quoted(name)} (this server has: {', '.join(rules.schedulers)})"
             )
         return name
 
