@@ -1,87 +1,148 @@
-"""Slow and stalled readers (PROTOCOL.md 5.3, 5.4): never slow the engine or others."""
+"""Slow and stalled readers (PROTOCOL.md 5.3, 5.4): never slow the engine or others.
+
+A stalled client (``open_stalled_client``) has tiny socket buffers on both ends of its
+connection, so one ``complete`` of four 128x128 PNGs (~170 KB of noise) blocks the
+server's writer for that session until the client reads: the tests wait for that state
+(server-side), never for a time.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import socket
+import threading
 import time
+from contextlib import AsyncExitStack, asynccontextmanager
 
-from websockets.asyncio.client import connect
+from latentcast.protocol import Complete, LatentPreview, Progress
+from latentcast.server.jobs import StopReason
+from tests.support import open_client, open_stalled_client, wait_for
 
-from latentcast.protocol import GenerationParams, PreviewRequest, Submit, encode_message
-from tests.support import open_client
-
-
-async def _stalled_client(server, jobs: int) -> object:
-    """A client that submits big jobs and then never reads a byte.
-
-    Each job's result is four 512x512 PNGs (~2.7 MB): two are more than the kernel's
-    socket buffers on loopback can absorb, so the server's sends really block.
-    """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small: stalls quickly
-    sock.connect(("127.0.0.1", server.port))
-    sock.setblocking(False)
-    ws = await connect(server.ws_url, sock=sock, max_queue=1, compression=None, max_size=None)
-    for k in range(jobs):
-        submit = Submit(
-            id=f"big{k}",
-            params=GenerationParams(
-                prompt="noise",
-                width=512,
-                height=512,
-                steps=1,
-                seed=k,
-                num_images=4,
-                guidance_scale=1.0,
-            ),
-            preview=PreviewRequest(kind="image"),
-        )
-        await ws.send(encode_message(submit))
-    return ws
+#: One job whose result alone is far more than a stalled connection can absorb.
+BIG = {"width": 128, "height": 128, "num_images": 4, "steps": 2, "guidance_scale": 1.0}
 
 
-async def _wait_for(predicate, timeout: float = 60.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.05)
+def _metric(server, name: str) -> float:
+    for line in server.metrics.render().decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no metric {name}")
 
 
 def _completed(server) -> float:
-    for line in server.metrics.render().decode().splitlines():
-        if line.startswith('latentcast_jobs_total{outcome="complete"}'):
-            return float(line.split()[-1])
-    raise AssertionError("no jobs metric")
+    return _metric(server, 'latentcast_jobs_total{outcome="complete"}')
+
+
+async def _run_unread(server, stalled, job_id: str, **params) -> None:
+    """Submit a job for ``stalled`` and wait until its ``complete`` is in the buffer."""
+    done = _completed(server)
+    await stalled.submit(job_id, **params)
+    await wait_for(lambda: _completed(server) > done)  # counted after complete is put
+
+
+async def _stall(server, stalled, job_id: str) -> None:
+    """Run a big job and see that its ``complete`` blocks the session's writer."""
+    await _run_unread(server, stalled, job_id, **BIG, preview={"kind": "image"})
+    assert stalled.session.buffer.reliable_backlog > 0, "the writer is blocked on the result"
+
+
+class _EngineHold:
+    """A call on the engine thread that blocks it until :meth:`release`.
+
+    The engine thread runs its calls in order: a job's run queued after this one waits,
+    one queued before it runs first. So jobs wait here whatever the machine's speed.
+    """
+
+    def __init__(self, server) -> None:
+        self._server = server
+        self._release = threading.Event()
+        self._task: asyncio.Future | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.ensure_future(self._server.engine_thread.call(self._release.wait, 120))
+        await asyncio.sleep(0)  # the call is queued on the engine thread now
+
+    async def release(self) -> None:
+        self._release.set()
+        if self._task is not None:
+            await self._task
+
+
+@asynccontextmanager
+async def _engine_hold(server):
+    hold = _EngineHold(server)
+    await hold.start()
+    try:
+        yield hold
+    finally:
+        await hold.release()
 
 
 async def test_a_stalled_reader_does_not_hold_up_the_engine_or_other_sessions(start_server) -> None:
     async with start_server(send_timeout=120) as server:
-        stalled = await _stalled_client(server, jobs=3)
+        stalled = await open_stalled_client(server)
+        for k in range(3):
+            await stalled.submit(f"big{k}", **BIG, seed=k, preview={"kind": "image"})
         # The engine finishes the stalled client's jobs although nobody reads them ...
-        await _wait_for(lambda: _completed(server) >= 3)
-        stuck = [s for s in server.sessions if s.buffer.reliable_backlog > 0]
-        assert stuck, "the stalled client's messages are waiting in its buffer"
+        await wait_for(lambda: _completed(server) >= 3)
+        assert stalled.session.buffer.reliable_backlog > 0, "its results wait in its buffer"
         # ... and a reading client is served as usual meanwhile.
         reader = await open_client(server.ws_url)
         started = time.monotonic()
         await reader.submit("fast", steps=3, preview={"kind": "latent"})
         assert (await reader.job_messages("fast", timeout=30))[-1].type == "complete"
         assert time.monotonic() - started < 30
-        assert stuck[0] in server.sessions, "not disconnected before the send timeout"
+        assert stalled.session.buffer.reliable_backlog > 0, "still stalled while it was served"
+        # Stalled for longer than the stall watcher's period (1 s), far less than the send
+        # timeout (120 s): still connected.
+        buffer = stalled.session.buffer
+        await wait_for(lambda: buffer.closed or buffer.oldest_unsent_age() > 2.5)
+        assert not buffer.closed, "not disconnected before the send timeout"
+        assert stalled.session in server.sessions
+        # Nothing was lost: once it reads, every result is there.
+        late = await stalled.resume()
+        for k in range(3):
+            complete = (await late.job_messages(f"big{k}"))[-1]
+            assert isinstance(complete, Complete)
+            assert [(i.width, i.height) for i in complete.images] == [(128, 128)] * 4
         await reader.close()
-        await stalled.close()
+        await late.close()
 
 
 async def test_a_client_that_does_not_read_is_disconnected_after_the_send_timeout(
     start_server,
 ) -> None:
-    async with start_server(send_timeout=1.0) as server:
-        stalled = await _stalled_client(server, jobs=3)
-        await _wait_for(lambda: any(s.buffer.reliable_backlog for s in server.sessions))
-        await _wait_for(lambda: not server.sessions, timeout=30)
+    async with start_server(send_timeout=1.0) as server, AsyncExitStack() as holds:
+        stalled = await open_stalled_client(server)
+        session = stalled.session
+        # The engine runs "big", whose result stalls the writer, but not "long", which is
+        # still unfinished when the send timeout ends the session, whatever the speed.
+        first = await holds.enter_async_context(_engine_hold(server))
+        await stalled.submit("big", **BIG)
+        await stalled.submit("long", steps=5)
+        await wait_for(lambda: {"big", "long"} <= session.jobs.keys())
+        big, long = session.jobs["big"], session.jobs["long"]
+        await wait_for(lambda: big.state.value == "running")  # its run is queued: first
+        await holds.enter_async_context(_engine_hold(server))  # long's run comes after
+        await first.release()
+        await wait_for(lambda: big.outcome is not None)
+        assert big.outcome == "complete"
+        assert session.buffer.reliable_backlog > 0, "the writer is blocked on big's result"
+        # Gone soon after the send timeout (1 s; checked every 0.25 s), not at the next
+        # keepalive ping (20 s after connecting): the close cannot wait for a client that
+        # does not read.
+        await wait_for(lambda: session not in server.sessions, timeout=15)
+        assert session.buffer.closed
         metrics = server.metrics.render().decode()
         assert "latentcast_slow_client_disconnects_total 1.0" in metrics
-        # Its unfinished jobs were cancelled, so the engine is free: a new client is served.
+        # Its unfinished job was cancelled (before it ran), so the engine is free ...
+        await holds.aclose()
+        await wait_for(lambda: long.outcome is not None)
+        assert (long.outcome, long.stop_reason, long.step) == (
+            "cancelled",
+            StopReason.DISCONNECT,
+            0,
+        )
+        # ... and a new client is served.
         reader = await open_client(server.ws_url)
         await reader.submit("after", steps=1)
         assert (await reader.job_messages("after", timeout=30))[-1].type == "complete"
@@ -92,14 +153,31 @@ async def test_a_client_that_does_not_read_is_disconnected_after_the_send_timeou
 async def test_a_slow_reader_gets_the_latest_droppable_messages_and_every_reliable_one(
     start_server,
 ) -> None:
+    steps = 20
     async with start_server() as server:
-        client = await open_client(server.ws_url)
-        await client.submit("j", steps=30, preview={"kind": "latent"})
-        await asyncio.sleep(1.5)  # read nothing while the job streams
+        stalled = await open_stalled_client(server)
+        await _stall(server, stalled, "filler")
+        # Every message about "j" is put while the writer is blocked on filler's result.
+        await _run_unread(server, stalled, "j", steps=steps, seed=1, preview={"kind": "latent"})
+        assert stalled.session.buffer.reliable_backlog > 0, "still blocked when j ended"
+        client = await stalled.resume()
+        filler = await client.job_messages("filler")
+        assert filler[-1].type == "complete" and len(filler[-1].images) == 4
         messages = await client.job_messages("j")
         types = [m.type for m in messages]
-        assert types[0] == "accepted" and types[1] == "started" and types[-1] == "complete"
-        steps = [m.step for m in messages if m.type in ("progress", "preview")]
-        assert steps == sorted(steps)
-        assert [m for m in messages if m.type == "progress"][-1].step == 30
+        # Every reliable message, in order.
+        assert [t for t in types if t not in ("progress", "preview")] == [
+            "accepted",
+            "started",
+            "complete",
+        ]
+        # Droppable ones coalesced, latest wins: one progress (the last step) and one
+        # preview (the last one due, step < steps), instead of 20 and 19.
+        progress = [m.step for m in messages if isinstance(m, Progress)]
+        previews = [m.step for m in messages if isinstance(m, LatentPreview)]
+        assert progress == [steps]
+        assert previews == [steps - 1]
+        # A replaced message goes to the back: steps never decrease in what is received.
+        both = [m.step for m in messages if m.type in ("progress", "preview")]
+        assert both == sorted(both)
         await client.close()
