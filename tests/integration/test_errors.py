@@ -6,6 +6,7 @@ import asyncio
 
 import msgpack
 import pytest
+import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
@@ -18,6 +19,22 @@ async def _error(client) -> Error:
     message = await client.recv(timeout=10)
     assert isinstance(message, Error), message
     return message
+
+
+#: Tests on the module's shared server (default configuration). Each opens its own
+#: connection and leaves no unfinished job, so they do not depend on each other's order.
+shared = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def server(model_cache):
+    """One server with the default configuration for every case that needs no other."""
+    from latentcast.server.app import Server
+    from latentcast.server.config import ServerConfig
+
+    async with Server(ServerConfig(port=0, cache_dir=model_cache, drain_timeout=10.0)) as server:
+        await server.wait_ready()
+        yield server
 
 
 @pytest.mark.parametrize(
@@ -45,26 +62,27 @@ async def _error(client) -> Error:
         "empty",
     ],
 )
-async def test_bad_frames_get_bad_frame_and_the_connection_stays_open(start_server, frame) -> None:
-    async with start_server() as server:
-        client = await open_client(server.ws_url)
-        await client.send(frame)
-        error = await _error(client)
-        assert (error.code, error.id, error.field) == ("bad_frame", None, None)
-        await client.submit("after", steps=1)
-        assert (await client.job_messages("after"))[-1].type == "complete"
-        await client.close()
+@shared
+async def test_bad_frames_get_bad_frame_and_the_connection_stays_open(server, frame) -> None:
+    client = await open_client(server.ws_url)
+    await client.send(frame)
+    error = await _error(client)
+    assert (error.code, error.id, error.field) == ("bad_frame", None, None)
+    await client.submit("after", steps=1)
+    assert (await client.job_messages("after"))[-1].type == "complete"
+    await client.close()
 
 
-async def test_unknown_type_echoes_the_id(start_server) -> None:
-    async with start_server() as server:
-        client = await open_client(server.ws_url)
-        await client.send({"type": "subscribe", "id": "x1"})
-        error = await _error(client)
-        assert (error.code, error.id) == ("unknown_type", "x1")
-        await client.send({"type": "subscribe", "id": 5})
-        assert (await _error(client)).id is None
-        await client.close()
+@shared
+async def test_unknown_type_echoes_the_id(server) -> None:
+    client = await open_client(server.ws_url)
+    await client.send({"type": "subscribe", "id": "x1"})
+    error = await _error(client)
+    assert (error.code, error.id) == ("unknown_type", "x1")
+    await client.send({"type": "subscribe", "id": 5})
+    error = await _error(client)
+    assert (error.code, error.id) == ("unknown_type", None)
+    await client.close()
 
 
 @pytest.mark.parametrize(
@@ -128,19 +146,17 @@ async def test_unknown_type_echoes_the_id(start_server) -> None:
         ({"type": "cancel", "id": 7}, "id"),
     ],
 )
-async def test_invalid_requests_name_the_first_offending_field(
-    start_server, message, field
-) -> None:
-    async with start_server() as server:
-        client = await open_client(server.ws_url)
-        await client.send(message)
-        error = await _error(client)
-        assert error.code == "invalid_request"
-        assert error.field == field
-        assert field in error.message
-        expected_id = message.get("id") if isinstance(message.get("id"), str) else None
-        assert error.id == expected_id
-        await client.close()
+@shared
+async def test_invalid_requests_name_the_first_offending_field(server, message, field) -> None:
+    client = await open_client(server.ws_url)
+    await client.send(message)
+    error = await _error(client)
+    assert error.code == "invalid_request"
+    assert error.field == field
+    assert field in error.message
+    expected_id = message.get("id") if isinstance(message.get("id"), str) else None
+    assert error.id == expected_id
+    await client.close()
 
 
 async def test_prompt_limit_counts_code_points(start_server) -> None:
@@ -269,6 +285,26 @@ async def test_queue_full_counts_only_waiting_jobs(start_server) -> None:
                     )
                 },
             ).map(lambda value: msgpack.packb(value, use_bin_type=True)),
+            # Valid submits (also replacing or duplicating one another) and cancels of
+            # them, so that accepted jobs are fuzzed too, not only refusals.
+            st.fixed_dictionaries(
+                {
+                    "type": st.just("submit"),
+                    "id": st.sampled_from(["f1", "f2", "v"]),
+                    "params": st.fixed_dictionaries(
+                        {"prompt": st.text(max_size=8)},
+                        optional={
+                            "steps": st.integers(1, 3),
+                            "width": st.sampled_from([64, 128]),
+                            "seed": st.integers(0, 2**32 - 1),
+                        },
+                    ),
+                },
+                optional={"replaces": st.sampled_from(["f1", "f2"])},
+            ).map(lambda value: msgpack.packb(value, use_bin_type=True)),
+            st.fixed_dictionaries(
+                {"type": st.just("cancel"), "id": st.sampled_from(["f1", "f2"])}
+            ).map(lambda value: msgpack.packb(value, use_bin_type=True)),
         ),
         min_size=1,
         max_size=6,
@@ -283,9 +319,14 @@ def test_arbitrary_frames_never_crash_the_server_or_disturb_others(shared_server
         await victim.submit("v", steps=2, seed=1)
         for frame in frames:
             await fuzzer.send(frame)
-        # Every frame is answered; a generated valid submit may also start a job.
+        # Every frame is handled in order; a generated valid submit may also start a job.
         await fuzzer.send({"type": "cancel", "id": "end-marker"})
-        await fuzzer.recv_until(lambda m: m.type == "error" and m.id == "end-marker", timeout=30)
+        answers = await fuzzer.recv_until(
+            lambda m: m.type == "error" and m.id == "end-marker", timeout=30
+        )
+        assert answers[-1].code == "unknown_job"
+        # No frame made the session fail inside (which answers with an `internal` error).
+        assert [m for m in answers if m.type == "error" and m.code == "internal"] == []
         assert (await victim.job_messages("v"))[-1].type == "complete"
         await victim.close()
         await fuzzer.close()
