@@ -23,8 +23,10 @@ async def test_a_lora_applies_to_its_job_only(start_server, tmp_path: Path, mode
         assert client.welcome.model.loras == ["style"]
         before = (await run(client, "before"))[-1].images[0].data
         styled = (await run(client, "styled", loras=[{"name": "style", "scale": 1.0}]))[-1]
-        zero = (await run(client, "zero", loras=[{"name": "style", "scale": 0}]))[-1]
+        # Straight after the styled job: a job at scale 0 in between would hide a LoRA
+        # left active.
         after = (await run(client, "after"))[-1].images[0].data
+        zero = (await run(client, "zero", loras=[{"name": "style", "scale": 0}]))[-1]
         # The same LoRA job between jobs of other kinds gives the same bytes.
         await run(client, "img2img", init_image=png(noise(64, 64)), strength=0.5, steps=4)
         await run(client, "dpm", scheduler="dpmpp_2m_karras", steps=3)
@@ -42,9 +44,15 @@ async def test_a_lora_applies_to_its_job_only(start_server, tmp_path: Path, mode
 
 
 async def test_a_bad_lora_path_stops_the_server_with_a_clear_error(start_server, tmp_path) -> None:
-    with pytest.raises(RuntimeError, match="missing"):
-        async with start_server(loras=(f"missing={tmp_path / 'nope.safetensors'}",)):
+    path = tmp_path / "nope.safetensors"
+    with pytest.raises(RuntimeError, match="model failed to load") as failure:
+        async with start_server(loras=(f"style={path}",)):
             pass
+    # The error names the LoRA, its path and what is wrong with it.
+    cause = str(failure.value.__cause__)
+    assert "LoRA 'style'" in cause
+    assert repr(str(path)) in cause
+    assert "no such file or folder" in cause
 
 
 async def test_a_preview_decoder_makes_full_size_image_previews(start_server, tmp_path) -> None:
@@ -103,4 +111,9 @@ async def test_a_hub_id_offline_fails_with_what_to_do(start_server, monkeypatch)
     with pytest.raises(RuntimeError, match="model failed to load") as failure:
         async with start_server(model="someone/some-model"):
             pass
-    assert "--model" in str(failure.value.__cause__) or "download" in str(failure.value.__cause__)
+    cause = str(failure.value.__cause__)
+    # Why (offline, and not in the local cache) and what to do (download, pass a path).
+    assert "'someone/some-model'" in cause
+    assert "hub access is disabled (HF_HUB_OFFLINE)" in cause
+    assert "not in the local Hugging Face cache" in cause
+    assert "download it first and pass --model PATH" in cause
