@@ -181,3 +181,64 @@ async def test_a_slow_reader_gets_the_latest_droppable_messages_and_every_reliab
         both = [m.step for m in messages if m.type in ("progress", "preview")]
         assert both == sorted(both)
         await client.close()
+
+
+async def test_a_send_timeout_disconnect_frees_the_connection_slot_within_5_s(
+    start_server,
+) -> None:
+    """PROTOCOL.md 5.4: gone within 5 s of the decision, no longer counted."""
+    async with start_server(send_timeout=1.0, max_connections=2) as server:
+        stalled = [await open_stalled_client(server) for _ in range(2)]
+        for k, client in enumerate(stalled):
+            await _stall(server, client, f"filler{k}")
+        refused = await asyncio.to_thread(_handshake_status, server)
+        assert refused == 503, "two connections fill the server"
+        decided: dict[int, float] = {}
+        gone: dict[int, float] = {}
+
+        def watch() -> bool:
+            now = time.monotonic()
+            for k, client in enumerate(stalled):
+                if client.session.buffer.closed:  # the disconnect decision closes it first
+                    decided.setdefault(k, now)
+                if client.session not in server.sessions:
+                    gone.setdefault(k, now)
+            return len(gone) == 2
+
+        async with asyncio.timeout(30):
+            while not watch():
+                await asyncio.sleep(0.01)
+        for k in range(2):
+            assert gone[k] - decided[k] < 5.0, f"slot {k} held {gone[k] - decided[k]:.1f} s"
+            transport = stalled[k].session.connection.transport
+            assert transport.is_closing(), "the TCP connection itself is gone"
+        assert _metric(server, "latentcast_connections") == 0
+        assert _metric(server, "latentcast_slow_client_disconnects_total") == 2
+        # The slots are free: a new client connects and is served.
+        reader = await open_client(server.ws_url)
+        await reader.submit("after", steps=1)
+        assert (await reader.job_messages("after", timeout=30))[-1].type == "complete"
+        await reader.close()
+        for client in stalled:
+            await client.close()
+
+
+def _handshake_status(server) -> int:
+    """The HTTP status of a WebSocket handshake with ``server`` (blocking: in a thread)."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        connection.request(
+            "GET",
+            "/v1/ws",
+            headers={
+                "Upgrade": "websocket",
+                "Connection": "Upgrade",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Version": "13",
+            },
+        )
+        return connection.getresponse().status
+    finally:
+        connection.close()
