@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 
@@ -24,15 +25,17 @@ from latentcast.protocol import (
     PROTOCOL_VERSION,
     Accepted,
     Cancel,
+    ClientMessage,
     Defaults,
     Error,
     ErrorCode,
+    InvalidRequest,
     ModelInfo,
     ProtocolError,
     Submit,
     SubmitRules,
     Welcome,
-    decode_client_message,
+    decode_client_message_in_steps,
     encode_message,
 )
 from latentcast.protocol.limits import DEFAULT_STRENGTH, SEED_SPACE
@@ -198,14 +201,15 @@ class Session:
 
     async def _handle(self, frame: bytes | str) -> None:
         try:
-            message = decode_client_message(frame, self.context.rules)
+            message = await self._decode(frame)
         except ProtocolError as exc:
             if exc.code in FRAME_ERROR_CODES:
                 self._bad_frames += 1
                 self.context.metrics.bad_frames.inc()
-            logger.info(
-                "session=%s job=%s rejected: %s (%s)", self.id, exc.id, exc.code, exc.message
-            )
+            elif isinstance(exc, InvalidRequest) and exc.message_type == "submit":
+                self.context.metrics.jobs.labels(outcome="rejected").inc()
+            job = exc.id if exc.id is None or len(exc.id) <= 64 else exc.id[:64] + "..."
+            logger.info("session=%s job=%s rejected: %s (%s)", self.id, job, exc.code, exc.message)
             self.send(Error(id=exc.id, code=exc.code, message=exc.message, field=exc.field))
             return
         try:
@@ -218,6 +222,25 @@ class Session:
             self.send(
                 Error(id=message.id, code=ErrorCode.INTERNAL, message=f"internal error: {exc}")
             )
+
+    async def _decode(self, frame: bytes | str) -> ClientMessage:
+        """Decode and validate a frame in bounded steps (PROTOCOL.md section 1: no frame
+        may stall other sessions). A small frame is one step; this session's frames are
+        still handled one at a time, in order.
+
+        After each step the loop sleeps as long as the step took: other tasks run, and the
+        GIL is free for the engine thread, which otherwise waits up to the interpreter's
+        switch interval (5 ms) each time it takes the GIL back between two torch calls.
+        """
+        steps = decode_client_message_in_steps(frame, self.context.rules)
+        while True:
+            started = time.perf_counter()
+            try:
+                next(steps)
+            except StopIteration as done:
+                message: ClientMessage = done.value
+                return message
+            await asyncio.sleep(min(time.perf_counter() - started, 0.1))
 
     def _reject(
         self, submit: Submit, code: ErrorCode, message: str, field: str | None = None
