@@ -72,6 +72,8 @@ SERVER_CLOSE_TIMEOUT = 0.5
 #: has not come 20 s later.
 PING_INTERVAL = 20.0
 PING_TIMEOUT = 20.0
+#: Incoming frames websockets buffers per connection before it stops reading the socket.
+RECEIVE_QUEUE_FRAMES = 2
 
 
 class Phase(enum.Enum):
@@ -186,6 +188,10 @@ class Server:
             close_timeout=CLOSE_TIMEOUT,
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_TIMEOUT,
+            # Frames read ahead per connection while its session is busy with one: each can
+            # be max_message_bytes, so websockets' default of 16 would let one client park
+            # 16 of them in server memory.
+            max_queue=RECEIVE_QUEUE_FRAMES,
             server_header=f"latentcast/{__version__}",
         )
         self._port = int(next(iter(self._ws_server.sockets)).getsockname()[1])
