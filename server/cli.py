@@ -150,7 +150,7 @@ SERVE_OPTIONS = (
     _Option(
         "--max-message-bytes",
         "max_message_bytes",
-        "largest WebSocket message (default 64 MiB)",
+        "largest WebSocket message, either way (default 32 MiB; must hold the largest result)",
         int,
         metavar="BYTES",
     ),

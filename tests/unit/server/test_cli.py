@@ -86,8 +86,16 @@ def test_defaults_match_the_protocol() -> None:
 
 
 def test_default_limits_match_the_protocol_defaults() -> None:
-    assert ServerConfig().limits() == Limits()
+    # All but max_message_bytes: the server's default (32 MiB) is below the protocol model's
+    # (64 MiB) so that receiving the largest frame stalls no other session past 100 ms.
+    assert ServerConfig().limits() == Limits(max_message_bytes=32 * 2**20)
     assert ServerConfig().limits().max_bad_frames == 16
+
+
+def test_default_max_message_bytes_holds_the_largest_result() -> None:
+    config = ServerConfig()
+    assert config.max_message_bytes == 32 * 2**20
+    assert config.largest_result_bytes() <= config.max_message_bytes
 
 
 # --------------------------------------------------------------------------- environment
