@@ -49,6 +49,8 @@ class Limits(BaseModel):
     max_jobs_per_session: int = Field(default=8, ge=1)
     max_message_bytes: int = Field(default=64 * 2**20, ge=1024)
     max_bad_frames: int = Field(default=DEFAULT_MAX_BAD_FRAMES, ge=1)
+    #: ControlNet inputs per job (feature "controls"); 0 on a server without the feature.
+    max_controls: int = Field(default=0, ge=0)
 
 
 class Defaults(BaseModel):

@@ -249,6 +249,8 @@ class ModelInfo(_ServerModel):
     modes: list[str]
     schedulers: list[str]
     loras: list[str]
+    #: ControlNets that jobs on this model may name (feature "controls").
+    controlnets: list[str] = Field(default_factory=list)
     latent_channels: int
     vae_scale_factor: int
     latent_rgb: LatentRGBInfo | None
@@ -259,9 +261,27 @@ class Welcome(_ServerModel):
     protocol: int
     server: str
     session: str
+    #: The default model: the one a submit without ``params.model`` uses (= models[0]).
     model: ModelInfo
+    #: Every model the server can run, the default first. A server that predates the
+    #: field is read as offering its one ``model``.
+    models: list[ModelInfo] = Field(default_factory=list)
+    #: The optional features this server implements ("batching", "models", "controls",
+    #: "resume"); a client checks before using one. Names it does not know are kept.
+    features: list[str] = Field(default_factory=list)
+    #: Present on a resumable session only (section 2a); nil otherwise.
+    resume_token: str | None = None
+    #: True when this connection took over an existing session.
+    resumed: bool = False
     limits: Limits
     defaults: Defaults
+
+    @model_validator(mode="before")
+    @classmethod
+    def _models_default_to_the_model(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("models") and "model" in data:
+            return {**data, "models": [data["model"]]}
+        return data
 
 
 class Accepted(_ServerModel):
@@ -274,6 +294,9 @@ class Queued(_ServerModel):
     type: Literal["queued"] = "queued"
     id: str
     position: int
+    #: True while the job waits for its model to be loaded (feature "models"); omitted
+    #: when not.
+    loading: bool | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class Started(_ServerModel):

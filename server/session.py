@@ -71,6 +71,9 @@ class SessionContext:
     image_previews: bool = True
     #: Schedulers that refuse more than some number of steps (lcm: 50).
     scheduler_step_limits: Mapping[str, int] = field(default_factory=dict)
+    #: The optional protocol features announced in ``welcome.features`` (none yet:
+    #: "batching", "models", "controls" and "resume" are still to come).
+    features: tuple[str, ...] = ()
 
 
 class Session:
@@ -111,6 +114,10 @@ class Session:
                 server=self.context.server_name,
                 session=self.id,
                 model=self.context.model,
+                models=[self.context.model],
+                features=list(self.context.features),
+                resume_token=None,  # sessions are not resumable yet (section 2a)
+                resumed=False,
                 limits=self.context.rules.limits,
                 defaults=self.context.defaults,
             )

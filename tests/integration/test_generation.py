@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 
+import msgpack
 import numpy as np
 import pytest
 from PIL import Image
+from websockets.asyncio.client import connect
 
 from latentcast.protocol import (
     Accepted,
@@ -40,6 +42,29 @@ async def test_welcome_describes_the_model_limits_and_defaults(start_server) -> 
         assert welcome.limits.max_jobs_per_session == 3
         assert welcome.limits.max_bad_frames == 16
         await client.close()
+
+
+async def test_welcome_carries_every_field_of_the_contract_on_the_wire(start_server) -> None:
+    """Read raw: a client model's defaults must not hide a key the server left out."""
+    async with start_server() as server, connect(server.ws_url, compression=None) as ws:
+        welcome = msgpack.unpackb(await ws.recv())
+        model = welcome["model"]
+        assert welcome["models"] == [model], "the default model, first and only"
+        assert welcome["features"] == [], "no optional feature is implemented yet"
+        assert welcome["resume_token"] is None and welcome["resumed"] is False
+        assert model["controlnets"] == []
+        assert welcome["limits"]["max_controls"] == 0
+        assert set(welcome["limits"]) == {
+            "max_width",
+            "max_height",
+            "max_steps",
+            "max_images",
+            "max_prompt_chars",
+            "max_jobs_per_session",
+            "max_message_bytes",
+            "max_bad_frames",
+            "max_controls",
+        }
 
 
 async def test_txt2img_streams_in_order_and_completes(start_server) -> None:

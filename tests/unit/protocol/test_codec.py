@@ -641,6 +641,42 @@ def test_welcome_encodes_nil_latent_rgb() -> None:
     }
 
 
+def test_a_welcome_without_models_lists_its_model_and_features_default_to_none() -> None:
+    """How a client reads a server that predates ``models`` / ``features`` / resume."""
+    model = {
+        "name": "tiny",
+        "family": "sd1",
+        "modes": ["txt2img"],
+        "schedulers": ["euler"],
+        "loras": [],
+        "latent_channels": 4,
+        "vae_scale_factor": 8,
+        "latent_rgb": None,
+    }
+    old = {"type": "welcome", "protocol": 1, "server": "s", "session": "x", "model": model}
+    old |= {"limits": {}, "defaults": {}}
+    welcome = decode_server_message(msgpack.packb(old))
+    assert isinstance(welcome, Welcome)
+    assert welcome.models == [welcome.model]
+    assert (welcome.features, welcome.resume_token, welcome.resumed) == ([], None, False)
+    assert welcome.model.controlnets == [] and welcome.limits.max_controls == 0
+    newer = old | {"features": ["models", "teleport"], "models": [model, model | {"name": "b"}]}
+    welcome = decode_server_message(msgpack.packb(newer))
+    assert isinstance(welcome, Welcome)
+    assert [m.name for m in welcome.models] == ["tiny", "b"]
+    assert welcome.features == ["models", "teleport"], "unknown features are kept"
+
+
+def test_queued_omits_loading_unless_set() -> None:
+    assert unpack(encode_message(Queued(id="j", position=2))) == {
+        "type": "queued",
+        "id": "j",
+        "position": 2,
+    }
+    loading = unpack(encode_message(Queued(id="j", position=0, loading=True)))
+    assert loading["loading"] is True
+
+
 def test_encoded_frames_are_one_map_with_binary_payloads() -> None:
     preview = LatentPreview(id="j", step=2, shape=(4, 8, 8), data=b"\x00\x3c" * 4)
     data = encode_message(preview)
