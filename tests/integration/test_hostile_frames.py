@@ -58,6 +58,14 @@ def tree(leaf: Any, levels: int, width: int = 256) -> Any:
     return value
 
 
+def _default_max_message_bytes() -> int:
+    """The server's default ``max_message_bytes``: what ``start_server()`` runs with."""
+    from latentcast.server.config import ServerConfig
+
+    default: int = ServerConfig.model_fields["max_message_bytes"].default
+    return default
+
+
 def _max_legal_init_image(max_message_bytes: int) -> bytes:
     frame = pack(submit({"prompt": "x", "init_image": b""}))
     # A bin32 header (5 bytes) where the empty bin had a bin8 header (2 bytes).
@@ -116,8 +124,13 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str, str | None]] = {
         "invalid_request",
         "id",
     ),
-    # The largest legal frame: 64 MiB, nearly all of it one init_image.
-    "max_frame_bin": (lambda: _max_legal_init_image(64 * MiB), "bad_image", None),
+    # The largest legal frame at the server's default limit (32 MiB), nearly all of it one
+    # init_image.
+    "max_frame_bin": (
+        lambda: _max_legal_init_image(_default_max_message_bytes()),
+        "bad_image",
+        None,
+    ),
 }
 
 
