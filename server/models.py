@@ -37,7 +37,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -1062,22 +1062,22 @@ def _describe(
     return model
 
 
-class _DropEmptyFp32Warning(logging.Filter):
-    """Drops diffusers' "modules ... should be kept in float32: []" warning.
+class _DropRecords(logging.Filter):
+    """Drops the log records whose message contains ``fragment``."""
 
-    diffusers 0.42 warns on every ``module.to(dtype)`` even when the list of modules
-    to keep in float32 is empty (``[] is not None``), i.e. when there is nothing to
-    warn about; ``from_pipe`` does such a cast for every module.
-    """
+    def __init__(self, fragment: str) -> None:
+        super().__init__()
+        self.fragment = fragment
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "should be kept in float32: []" not in record.getMessage()
+        return self.fragment not in record.getMessage()
 
 
 @contextmanager
-def _without_empty_fp32_warning() -> Iterator[None]:
-    logger = logging.getLogger("diffusers.models.modeling_utils")
-    drop = _DropEmptyFp32Warning()
+def _without_log_records(logger_name: str, fragment: str) -> Iterator[None]:
+    """While the block runs, ``logger_name`` drops records that contain ``fragment``."""
+    logger = logging.getLogger(logger_name)
+    drop = _DropRecords(fragment)
     logger.addFilter(drop)
     try:
         yield
@@ -1085,28 +1085,25 @@ def _without_empty_fp32_warning() -> Iterator[None]:
         logger.removeFilter(drop)
 
 
-class _DropTorchvisionNotice(logging.Filter):
-    """Drops transformers' "`CLIPImageProcessor` requires torchvision" notices.
+def _without_empty_fp32_warning() -> AbstractContextManager[None]:
+    """No "modules ... should be kept in float32: []" warning from diffusers.
+
+    diffusers 0.42 warns on every ``module.to(dtype)`` even when the list of modules
+    to keep in float32 is empty (``[] is not None``), i.e. when there is nothing to
+    warn about; ``from_pipe`` does such a cast for every module.
+    """
+    return _without_log_records("diffusers.models.modeling_utils", "should be kept in float32: []")
+
+
+def _without_torchvision_notice() -> AbstractContextManager[None]:
+    """No "`CLIPImageProcessor` requires torchvision" notices from transformers.
 
     Importing the diffusers pipelines names transformers' image processors (for the
     safety checker and IP-adapters); without torchvision, transformers 5 falls back to
     its PIL processors and says so once per class. latentcast never runs an image
     processor (no safety checker, no IP-adapter), so the notice only alarms users.
     """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision" not in record.getMessage()
-
-
-@contextmanager
-def _without_torchvision_notice() -> Iterator[None]:
-    logger = logging.getLogger("transformers.utils.import_utils")
-    drop = _DropTorchvisionNotice()
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
+    return _without_log_records("transformers.utils.import_utils", "requires torchvision")
 
 
 def _load_loras(pipeline: Any, loras: Mapping[str, Path]) -> dict[str, str]:
