@@ -7,7 +7,10 @@ integration tests see exactly what the server sends.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,13 +39,10 @@ TIMEOUT = 60.0
 LONG_JOB: dict[str, int] = {"steps": 150, "width": 256, "height": 256}
 
 
-@dataclass
-class Client:
+class _Sender:
+    """Sending, shared by :class:`Client` and :class:`StalledClient`."""
+
     ws: ClientConnection
-    welcome: Welcome
-    received: list[Any] = field(default_factory=list)
-    #: (monotonic receive time, message), to order what two clients read concurrently.
-    timeline: list[tuple[float, Any]] = field(default_factory=list)
 
     async def send(self, message: BaseModel | dict[str, Any] | bytes | str) -> None:
         if isinstance(message, BaseModel):
@@ -53,6 +53,7 @@ class Client:
             await self.ws.send(message)
 
     async def submit(self, job_id: str, prompt: str = "a cat", **params: Any) -> None:
+        """``preview`` (a dict) and ``replaces`` go on the submit, the rest into params."""
         preview = params.pop("preview", None)
         replaces = params.pop("replaces", None)
         params.setdefault("steps", 2)
@@ -64,6 +65,15 @@ class Client:
                 replaces=replaces,
             )
         )
+
+
+@dataclass
+class Client(_Sender):
+    ws: ClientConnection
+    welcome: Welcome
+    received: list[Any] = field(default_factory=list)
+    #: (monotonic receive time, message), to order what two clients read concurrently.
+    timeline: list[tuple[float, Any]] = field(default_factory=list)
 
     async def recv(self, timeout: float = TIMEOUT) -> Any:
         async with asyncio.timeout(timeout):
@@ -112,7 +122,7 @@ async def open_client(url: str, **connect_args: Any) -> Client:
 
 
 @dataclass
-class StalledClient:
+class StalledClient(_Sender):
     """A connected client that does not read: see :func:`open_stalled_client`.
 
     ``ws`` sends as usual (the client-to-server direction is never blocked); nothing reads
@@ -125,25 +135,9 @@ class StalledClient:
     #: The client socket's local address: what the server sees as the peer.
     address: tuple[str, int]
 
-    async def send(self, message: BaseModel | dict[str, Any] | bytes) -> None:
-        if isinstance(message, BaseModel):
-            await self.ws.send(encode_message(message))
-        elif isinstance(message, dict):
-            await self.ws.send(msgpack.packb(message, use_bin_type=True))
-        else:
-            await self.ws.send(message)
-
     async def submit(self, job_id: str, prompt: str = "noise", **params: Any) -> None:
-        """Like :meth:`Client.submit`: ``preview`` is a dict, the rest are params."""
-        preview = params.pop("preview", None)
         params.setdefault("steps", 1)
-        await self.send(
-            Submit(
-                id=job_id,
-                params=GenerationParams(prompt=prompt, **params),
-                preview=PreviewRequest(**preview) if preview else PreviewRequest(),
-            )
-        )
+        await super().submit(job_id, prompt, **params)
 
     async def resume(self) -> Client:
         """Start reading: a :class:`Client` on the same connection (welcome read first).
@@ -226,3 +220,12 @@ async def open_stalled_client(
         server_sock = session.connection.transport.get_extra_info("socket")
         server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, server_sndbuf)
     return StalledClient(ws, session, address)
+
+
+def ready_status(http_url: str) -> tuple[int, dict[str, Any]]:
+    """GET /ready: the status and the JSON body (blocking: call it in a thread)."""
+    try:
+        with urllib.request.urlopen(http_url + "/ready", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())

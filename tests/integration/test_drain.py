@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -25,20 +24,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from latentcast.protocol import Draining, Error
-from tests.support import is_terminal, open_client
-
-#: A job that outlasts any deadline these tests set, however fast the machine: 150 steps
-#: at 256x256 on the tiny model take seconds even with every core (a step still ends
-#: within a fraction of a second, so a stop takes effect quickly).
-LONG_JOB = {"steps": 150, "width": 256, "height": 256}
-
-
-def _ready_status(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url + "/ready", timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+from tests.support import LONG_JOB, is_terminal, open_client, ready_status
 
 
 async def _closed_code(client) -> int:
@@ -61,7 +47,7 @@ async def test_drain_lets_jobs_finish_refuses_new_work_and_closes_with_1001(star
         drain = asyncio.create_task(server.drain())
         draining = await one.recv_until(lambda m: isinstance(m, Draining))
         assert 0 < draining[-1].deadline_ms <= 60_000
-        status, body = await asyncio.to_thread(_ready_status, server.http_url)
+        status, body = await asyncio.to_thread(ready_status, server.http_url)
         assert (status, body) == (503, {"ready": False, "reason": "draining"})
         with pytest.raises(InvalidStatus) as refused:
             await open_client(server.ws_url)
@@ -167,7 +153,7 @@ async def serve_process(model_cache: Path, *args: str) -> AsyncIterator[ServerPr
             url = await listening
         http_url = url.replace("ws://", "http://").removesuffix("/v1/ws")
         async with asyncio.timeout(60):
-            while (await asyncio.to_thread(_ready_status, http_url))[0] != 200:
+            while (await asyncio.to_thread(ready_status, http_url))[0] != 200:
                 await asyncio.sleep(0.1)
         yield ServerProcess(process, url, http_url, log)
     finally:

@@ -8,15 +8,12 @@ engine, scheduler and sessions stay real; one call inside them raises once.
 from __future__ import annotations
 
 import asyncio
-import json
-import urllib.error
-import urllib.request
 
 import pytest
 
 from latentcast.protocol import Draining
 from latentcast.server.scheduler import Scheduler
-from tests.support import LONG_JOB, is_terminal, open_client
+from tests.support import LONG_JOB, is_terminal, open_client, ready_status
 
 
 async def test_a_failing_job_ends_with_generation_failed_and_the_engine_goes_on(
@@ -102,7 +99,7 @@ async def test_a_dead_engine_loop_is_fatal_and_said_to_everyone_at_once(
         assert "engine stopped" in error.message and "simulated engine loop bug" in error.message
         assert server.engine_error is not None
         assert server.exit_status == 1
-        status, body = await asyncio.to_thread(_ready, server.http_url)
+        status, body = await asyncio.to_thread(ready_status, server.http_url)
         assert (status, body) == (503, {"ready": False, "reason": "draining"})
         # The server shuts itself down: told, then closed.
         async with asyncio.timeout(10):
@@ -111,11 +108,3 @@ async def test_a_dead_engine_loop_is_fatal_and_said_to_everyone_at_once(
         await client.recv_until(lambda m: isinstance(m, Draining))
         await drain
         assert client.ws.close_code == 1001
-
-
-def _ready(http_url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(http_url + "/ready", timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
