@@ -27,6 +27,7 @@ need them, so importing this module (for example for :class:`LatentRGB`) is chea
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import inspect
 import json
@@ -335,7 +336,9 @@ class LoadedModel:
     the weights, one set of LoRA layers).
 
     The pipelines' ``scheduler`` attribute is for the caller to replace per job
-    (:meth:`make_scheduler`); nothing else about them should be changed.
+    (:meth:`make_scheduler`); nothing else about them should be changed. Every job's
+    scheduler is built from :attr:`scheduler_config`, the loaded scheduler's config
+    captured at load time, never from whatever scheduler a previous job left there.
     """
 
     name: str
@@ -353,6 +356,9 @@ class LoadedModel:
     modes: tuple[str, ...]
     #: True for a dedicated inpainting UNet (9 input channels): modes is ("inpaint",).
     inpaint_unet: bool
+    #: The loaded scheduler's config (the model's training noise schedule), copied
+    #: before any job ran and read-only: what :meth:`make_scheduler` builds from.
+    scheduler_config: Mapping[str, Any]
     #: Names of the LoRA adapters loaded at start, sorted; all inactive until selected.
     loras: tuple[str, ...] = ()
     #: A tiny decoder (TAESD) for image previews, on the model's device and dtype.
@@ -397,7 +403,8 @@ class LoadedModel:
         """Return a fresh scheduler instance of kind ``name`` for one job.
 
         Schedulers are stateful (timesteps, step index), so every job needs its own.
-        The instance is built from the loaded pipeline's scheduler config, which keeps
+        The instance is built from :attr:`scheduler_config` (the scheduler config the
+        model was loaded with, whatever scheduler is on the pipelines now), which keeps
         the model's training noise schedule (betas, offsets, prediction type, timestep
         spacing), with the overrides that define ``name`` (e.g. Karras sigmas).
 
@@ -413,11 +420,9 @@ class LoadedModel:
         scheduler_cls = getattr(diffusers, spec.class_name)
         accepted = inspect.signature(scheduler_cls.__init__).parameters
         overrides = {key: value for key, value in spec.overrides if key in accepted}
-        # diffusers registers pipeline components dynamically: untyped for mypy.
-        pipeline: Any = self.pipeline
-        scheduler: SchedulerMixin = scheduler_cls.from_config(
-            pipeline.scheduler.config, **overrides
-        )
+        # A plain dict copy: from_config takes anything else for a path to load from.
+        config = copy.deepcopy(dict(self.scheduler_config))
+        scheduler: SchedulerMixin = scheduler_cls.from_config(config, **overrides)
         return scheduler
 
     def activate_loras(self, selection: Sequence[tuple[str, float]]) -> None:
@@ -1039,6 +1044,8 @@ def _describe(
             f"({type(pipeline).__name__}): {exc}"
         ) from exc
     main = pipelines[modes[0]]
+    # Captured before any job replaces the pipelines' scheduler (LoadedModel.make_scheduler).
+    scheduler_config = MappingProxyType(copy.deepcopy(dict(pipeline.scheduler.config)))
     adapters = _load_loras(main, loras)
     decoder = _load_preview_decoder(preview_decoder, latent_channels, device, dtype)
     model = LoadedModel(
@@ -1054,6 +1061,7 @@ def _describe(
         default_size=_sample_size(pipeline) * vae_scale_factor,
         modes=modes,
         inpaint_unet=inpaint_unet,
+        scheduler_config=scheduler_config,
         loras=tuple(sorted(adapters)),
         preview_decoder=decoder,
         _pipelines=MappingProxyType(pipelines),

@@ -673,6 +673,38 @@ def test_make_scheduler_classes_and_overrides(tiny: LoadedModel) -> None:
     assert tiny.make_scheduler("ddim").config.clip_sample is False
 
 
+def _scheduler_settings(scheduler: Any) -> dict[str, Any]:
+    """A scheduler's config, less diffusers' bookkeeping of which values were defaults."""
+    config = dict(scheduler.config)
+    defaults = config.pop("_use_default_values", [])
+    return {**config, "_use_default_values": sorted(defaults)}
+
+
+def test_scheduler_config_is_captured_at_load_and_read_only(tiny_cache: Path) -> None:
+    model = load_model("tiny", device="cpu", cache_dir=tiny_cache)
+    assert dict(model.scheduler_config) == dict(model.pipeline.scheduler.config)
+    with pytest.raises(TypeError):
+        model.scheduler_config["use_karras_sigmas"] = True  # type: ignore[index]
+
+
+def test_make_scheduler_ignores_the_scheduler_a_previous_job_left(tiny: LoadedModel) -> None:
+    """Every job's scheduler comes from the load-time config, not the last job's.
+
+    Before the config was captured at load, make_scheduler built from whatever the
+    previous job had put on the pipeline: after dpmpp_2m_karras, euler_a's and ddim's
+    configs carried use_karras_sigmas=True; after ddim, lcm's set_alpha_to_one was
+    False instead of True; algorithm_type/solver_order/clip_sample rode along too.
+    """
+    fresh = {name: _scheduler_settings(tiny.make_scheduler(name)) for name in tiny.schedulers}
+    for previous in tiny.schedulers:
+        with _scheduler_on(tiny.pipeline, tiny.make_scheduler(previous)):
+            for name in tiny.schedulers:
+                after = _scheduler_settings(tiny.make_scheduler(name))
+                assert after == fresh[name], f"{previous} -> {name}"
+    assert not fresh["euler_a"].get("use_karras_sigmas")
+    assert fresh["lcm"]["set_alpha_to_one"] is True
+
+
 def test_make_scheduler_unknown_name(tiny: LoadedModel) -> None:
     with pytest.raises(ValueError, match="dpm-bogus"):
         tiny.make_scheduler("dpm-bogus")
