@@ -22,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -144,6 +145,101 @@ class LatentSnapshot:
         return latent_to_fp16_bytes(self._wait())
 
 
+#: Prompt encodings kept by :class:`PromptCache`. A canvas session resubmits the same
+#: prompt many times a second, and a handful of sessions rarely juggle more than a few
+#: prompts each; an entry is small (SD 1.x: 2 x 77 x 768 values, SDXL: 2 x 77 x 2048
+#: plus pooled; 64 SDXL entries in float16 hold about 40 MB of device memory).
+PROMPT_CACHE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class PromptKey:
+    """Everything a pipeline's ``encode_prompt`` output depends on, for one model."""
+
+    model: str
+    prompt: str
+    negative_prompt: str
+    #: Classifier-free guidance on: the negative prompt is encoded too.
+    guidance: bool
+    #: The job's LoRA selection: text-encoder LoRA layers change the embeddings.
+    loras: tuple[tuple[str, float], ...]
+    clip_skip: int | None = None
+
+
+class PromptCache:
+    """Prompt embeddings, least recently used first out, at most ``size`` entries.
+
+    Engine thread only (no locks). :meth:`arguments` gives the pipeline keyword
+    arguments that replace ``prompt``/``negative_prompt``: computed with the pipeline's
+    own ``encode_prompt`` and the arguments its ``__call__`` would use, so the images
+    are byte-identical to a text-prompt call. Encoded for one image: the pipeline
+    repeats them for ``num_images_per_prompt`` itself.
+    """
+
+    def __init__(self, size: int = PROMPT_CACHE_SIZE) -> None:
+        self.size = size
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[PromptKey, dict[str, torch.Tensor | None]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    @staticmethod
+    def key(model: LoadedModel, pipeline: Any, request: GenerationRequest) -> PromptKey:
+        return PromptKey(
+            model=model.name,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            guidance=uses_guidance(pipeline, request.guidance_scale),
+            loras=tuple((str(name), float(scale)) for name, scale in request.loras),
+        )
+
+    def arguments(
+        self, model: LoadedModel, pipeline: Any, request: GenerationRequest
+    ) -> dict[str, torch.Tensor | None]:
+        """``prompt_embeds`` & co. for ``request`` (its LoRAs already active)."""
+        key = self.key(model, pipeline, request)
+        entry = self._entries.get(key)
+        if entry is not None:
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return dict(entry)
+        self.misses += 1
+        entry = _encode_prompt(pipeline, key)
+        self._entries[key] = entry
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return dict(entry)
+
+
+def uses_guidance(pipeline: Any, guidance_scale: float) -> bool:
+    """The pipelines' ``do_classifier_free_guidance`` rule for ``guidance_scale``."""
+    return guidance_scale > 1 and pipeline.unet.config.time_cond_proj_dim is None
+
+
+def _encode_prompt(pipeline: Any, key: PromptKey) -> dict[str, torch.Tensor | None]:
+    """What ``pipeline.__call__`` would compute from the text (diffusers 0.42)."""
+    common: dict[str, Any] = {
+        "prompt": key.prompt,
+        "device": pipeline._execution_device,
+        "num_images_per_prompt": 1,
+        "do_classifier_free_guidance": key.guidance,
+        "negative_prompt": key.negative_prompt,
+        "lora_scale": None,  # the pipelines' default (no cross_attention_kwargs scale)
+        "clip_skip": key.clip_skip,
+    }
+    with torch.no_grad():
+        encoded = pipeline.encode_prompt(**common)
+    names = ["prompt_embeds", "negative_prompt_embeds"]
+    if len(encoded) == 4:  # SDXL: both text encoders' pooled outputs too
+        names += ["pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+    return dict(zip(names, encoded, strict=True))
+
+
 class StepListener(Protocol):
     """What the engine reports while it runs a job; called on the engine thread."""
 
@@ -155,8 +251,9 @@ class StepListener(Protocol):
 class Engine:
     """Owns the loaded pipeline. Every method here runs on the engine thread."""
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel, prompt_cache_size: int = PROMPT_CACHE_SIZE) -> None:
         self.model = model
+        self.prompts = PromptCache(prompt_cache_size)
 
     def count_steps(self, pipeline: Any, request: GenerationRequest) -> int:
         """The denoising iterations ``request`` will really run (what ``progress`` counts).
@@ -219,8 +316,11 @@ class Engine:
                 raise JobStopped(step)
             return {}
 
+        arguments = self.pipeline_arguments(request)
+        del arguments["prompt"], arguments["negative_prompt"]
+        arguments.update(self.prompts.arguments(model, pipeline, request))
         try:
-            output = pipeline(**self.pipeline_arguments(request), callback_on_step_end=on_step_end)
+            output = pipeline(**arguments, callback_on_step_end=on_step_end)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             raise
@@ -234,7 +334,9 @@ class Engine:
         """The keyword arguments of the pipeline call for ``request``.
 
         Public so that a test (and the benchmark) can call the pipeline directly with
-        exactly what the server uses, and compare the bytes.
+        exactly what the server uses, and compare the bytes. The text is what the server
+        encodes; :meth:`generate` passes the :class:`PromptCache`'s embeddings of it
+        instead of ``prompt``/``negative_prompt``, which gives the same bytes.
         """
         arguments: dict[str, Any] = {
             "prompt": request.prompt,
