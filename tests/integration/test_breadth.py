@@ -249,3 +249,58 @@ async def test_jobs_of_every_kind_interleave_without_leaking_state(
         }
         assert mixed == alone
         await client.close()
+
+
+async def test_a_job_scheduler_does_not_shape_later_jobs_schedulers(
+    start_server, model_name
+) -> None:
+    """Each job's scheduler comes from the model's load-time config (issue 9, item 5).
+
+    With schedulers built from the previous job's, an lcm job left clip_sample=False on
+    every later config, a ddim job set_alpha_to_one=False on lcm's, dpmpp_2m_karras
+    use_karras_sigmas=True on euler_a's and ddim's.
+    """
+    async with start_server(model=model_name) as server:
+        model = server.model
+        assert model is not None
+
+        def configs() -> dict[str, dict]:
+            return {name: dict(model.make_scheduler(name).config) for name in model.schedulers}
+
+        before = await server.engine_thread.call(configs)
+        client = await open_client(server.ws_url)
+        first = (await run(client, "first"))[-1].images[0].data
+        for scheduler in ("dpmpp_2m_karras", "ddim", "lcm"):
+            guidance = 1.0 if scheduler == "lcm" else 7.5
+            messages = await run(client, scheduler, scheduler=scheduler, guidance_scale=guidance)
+            assert isinstance(messages[-1], Complete)
+        assert await server.engine_thread.call(configs) == before
+        assert (await run(client, "again"))[-1].images[0].data == first
+        await client.close()
+
+
+async def test_cached_prompts_give_the_same_bytes_in_every_mode(start_server, model_name) -> None:
+    """txt2img, img2img and inpaint share the prompt cache: a hit gives a miss's bytes."""
+    init = png(noise(64, 64, seed=5))
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[:, 32:] = 255
+    kinds = {
+        "txt2img": {},
+        "img2img": {"init_image": init, "strength": 0.6, "steps": 3},
+        "inpaint": {"init_image": init, "mask": png(Image.fromarray(mask)), "steps": 3},
+    }
+    results = []
+    for order in (list(kinds), list(reversed(kinds))):
+        async with start_server(model=model_name) as server:
+            client = await open_client(server.ws_url)
+            # The first kind encodes the prompt, the others find it cached.
+            results.append(
+                {
+                    name: (await run(client, name, negative_prompt="dark", **kinds[name]))[-1]
+                    .images[0]
+                    .data
+                    for name in order
+                }
+            )
+            await client.close()
+    assert results[0] == results[1]

@@ -256,3 +256,38 @@ async def test_guidance_at_or_below_one_and_integer_floats_are_accepted(start_se
         )
         assert (await client.job_messages("j"))[-1].type == "complete"
         await client.close()
+
+
+async def test_a_resubmitted_prompt_is_encoded_once_with_the_same_bytes(start_server) -> None:
+    """A canvas resubmits one prompt: the text encoder runs for the first job only."""
+    job = {"steps": 2, "seed": 11, "guidance_scale": 7.5, "negative_prompt": "blurry"}
+    async with start_server() as server:
+        assert server.model is not None
+        encoder = server.model.pipeline.text_encoder
+        calls: list[int] = []
+        original = encoder.forward
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return original(*args, **kwargs)
+
+        encoder.forward = counted
+        try:
+            client = await open_client(server.ws_url)
+            images = []
+            for k in range(4):
+                await client.submit(f"j{k}", "a red fox", **job)
+                images.append((await client.job_messages(f"j{k}"))[-1].images[0].data)
+            await client.submit("other", "a blue fox", **job)
+            await client.job_messages("other")
+            await client.close()
+        finally:
+            del encoder.forward
+        # Prompt and negative prompt once for "a red fox", once more for "a blue fox".
+        assert len(calls) == 4
+        assert len(set(images)) == 1
+    async with start_server() as fresh:
+        client = await open_client(fresh.ws_url)
+        await client.submit("j", "a red fox", **job)
+        assert (await client.job_messages("j"))[-1].images[0].data == images[0]
+        await client.close()
