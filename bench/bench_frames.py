@@ -20,6 +20,8 @@ server allocate more than a few times the frame's size.
                (polled over fresh TCP connections), the worst gap between another
                session's ``progress`` messages (64x64 jobs of 150 steps, back to back),
                and the peak RSS growth (VmHWM, reset before each frame) per frame byte.
+               First the same watchers run 10 s with no frame sent: the floor that the
+               machine and the other session's own steps set.
 
 (3) baseline   a websockets server with no latentcast code receives one message of zeros
                of the largest size, three times: its worst loop lag is what receiving the
@@ -55,6 +57,7 @@ HOST = "127.0.0.1"
 MiB = 2**20
 WAIT = 300.0
 GOAL_STALL_MS = 100.0
+IDLE_S = 10.0  # how long the watchers run with no frame, for the floor
 GOAL_RSS_FACTOR = 5.0  # "a few times the frame's size"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -387,6 +390,25 @@ def rss(field_name: str) -> int:
     return 0
 
 
+async def measure_idle(server: Any, seconds: float) -> dict[str, Any]:
+    """The same watchers with no frame sent: the floor that the machine, the engine and
+    the watchers themselves set (a loaded machine raises it)."""
+    watch = Watch()
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(probe_loop(watch, stop)),
+        asyncio.create_task(poll_health(server.port, watch, stop)),
+        asyncio.create_task(follow_progress(server.ws_url, watch, stop)),
+    ]
+    await asyncio.sleep(seconds)
+    stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        if task.exception() is not None:
+            raise RuntimeError(f"a watcher failed: {task.exception()!r}")
+    return {key: round(value, 1) for key, value in asdict(watch).items()}
+
+
 async def measure_server(server: Any, kind: Kind, size: int) -> dict[str, Any]:
     watch = Watch()
     stop = asyncio.Event()
@@ -534,6 +556,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     async with Server(config) as server:
         async with asyncio.timeout(WAIT):
             await server.wait_ready()
+        idle = await measure_idle(server, IDLE_S)
+        summary["idle"] = idle
+        out(
+            f"  no frame ({IDLE_S:g} s, the floor): worst loop lag {idle['loop_lag_ms']} ms, "
+            f"/health gap {idle['health_gap_ms']} ms, progress gap {idle['progress_gap_ms']} ms"
+        )
         for kind in kinds:
             figures = await measure_server(server, kind, size)
             figures["answer_ok"] = tuple(figures["answer"]) == kind.answer
