@@ -266,12 +266,23 @@ async def test_ctrl_c_while_starting_exits_130_quietly(tmp_path: Path) -> None:
         assert process.stderr is not None
         lines = await _wait_for_line(process.stderr, "rich.console")
         process.send_signal(signal.SIGINT)
+        try:
+            async with asyncio.timeout(2):
+                await process.wait()
+        except TimeoutError:
+            # CPython can lose a KeyboardInterrupt that lands inside C code which clears
+            # errors (some extension imports do): a user presses Ctrl-C again. The answer
+            # must still be 130 and one line, never a traceback.
+            process.send_signal(signal.SIGINT)
         async with asyncio.timeout(TIMEOUT):
             _, rest = await process.communicate()
         lines += rest.decode().splitlines(keepends=True)
         said = [line for line in lines if not line.startswith("import time:")]
         assert process.returncode == 130, said
-        assert said == ["latentcast: interrupted\n"]
+        assert said in (
+            ["latentcast: interrupted\n"],  # during the imports
+            ["latentcast: interrupted; nothing was submitted\n"],  # the second, connecting
+        )
 
         process = await _start_cli(*argv)
         async with asyncio.timeout(TIMEOUT):
