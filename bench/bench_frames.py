@@ -568,6 +568,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     async with Server(config) as server:
         async with asyncio.timeout(WAIT):
             await server.wait_ready()
+        await measure_idle(server, 3.0)  # warm-up: the first jobs after loading are slower
         idle = await measure_idle(server, IDLE_S)
         summary["idle"] = idle
         out(
