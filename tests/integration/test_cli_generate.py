@@ -38,7 +38,15 @@ async def _start_cli(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **(env or {})},
+        # As from a terminal: a test run started in the background (CI, `make test &`)
+        # inherits an ignored SIGINT, which Python would keep ignoring until the command's
+        # own handler is installed.
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 async def _cli(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -266,24 +274,14 @@ async def test_ctrl_c_while_starting_exits_130_quietly(tmp_path: Path) -> None:
         assert process.stderr is not None
         lines = await _wait_for_line(process.stderr, "rich.console")
         process.send_signal(signal.SIGINT)
-        try:
-            async with asyncio.timeout(2):
-                await process.wait()
-        except TimeoutError:
-            # CPython can lose a KeyboardInterrupt that lands inside C code which clears
-            # errors (some extension imports do): a user presses Ctrl-C again. The answer
-            # must still be 130 and one line, never a traceback.
-            process.send_signal(signal.SIGINT)
         async with asyncio.timeout(TIMEOUT):
             _, rest = await process.communicate()
         lines += rest.decode().splitlines(keepends=True)
         said = [line for line in lines if not line.startswith("import time:")]
         assert process.returncode == 130, said
-        assert said in (
-            ["latentcast: interrupted\n"],  # during the imports
-            ["latentcast: interrupted; nothing was submitted\n"],  # the second, connecting
-        )
+        assert said == ["latentcast: interrupted\n"]
 
+        connected.clear()
         process = await _start_cli(*argv)
         async with asyncio.timeout(TIMEOUT):
             await connected.wait()
