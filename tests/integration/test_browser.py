@@ -158,6 +158,18 @@ async def open_page(browser: Browser, url: str, frames: Frames) -> AsyncIterator
         await page.close()
 
 
+@asynccontextmanager
+async def connected_page(start_server, frames: Frames) -> AsyncIterator[Page]:
+    """The page at the root of a fresh server, connected (welcome received)."""
+    async with (
+        start_server() as server,
+        chromium() as browser,
+        open_page(browser, server.http_url + "/", frames) as page,
+    ):
+        await page.wait_for_selector("body[data-conn=open]")
+        yield page
+
+
 # One read of what the page shows, taken inside the page so that it is consistent.
 SNAPSHOT = """() => {
   const canvas = document.querySelector('#preview');
@@ -185,12 +197,7 @@ async def set_fields(page: Page, **values: str) -> None:
 @needs_chromium
 async def test_previews_cancel_live_and_result(start_server) -> None:
     frames = Frames()
-    async with (
-        start_server() as server,
-        chromium() as browser,
-        open_page(browser, server.http_url + "/", frames) as page,
-    ):
-        await page.wait_for_selector("body[data-conn=open]")
+    async with connected_page(start_server, frames) as page:
         welcome = frames.received[0]
         assert welcome["type"] == "welcome"
         options = await page.eval_on_selector_all("#scheduler option", "os => os.map(o => o.value)")
@@ -322,12 +329,7 @@ OLD_IDLE_TEXT = "Ready when the server is."
 @needs_chromium
 async def test_status_says_ready_once_welcomed(start_server) -> None:
     frames = Frames()
-    async with (
-        start_server() as server,
-        chromium() as browser,
-        open_page(browser, server.http_url + "/", frames) as page,
-    ):
-        await page.wait_for_selector("body[data-conn=open]")
+    async with connected_page(start_server, frames) as page:
         model = frames.received[0]["model"]
         status = await page.wait_for_function(
             "document.querySelector('#status').textContent.startsWith('Ready')"
@@ -363,12 +365,7 @@ async def test_generate_click_right_after_editing_the_size(start_server) -> None
     # The size fields' change event fires on the mousedown of the Generate click (the field
     # loses focus) and reshapes the sketch; nothing may move under the pointer then.
     frames = Frames()
-    async with (
-        start_server() as server,
-        chromium() as browser,
-        open_page(browser, server.http_url + "/", frames) as page,
-    ):
-        await page.wait_for_selector("body[data-conn=open]")
+    async with connected_page(start_server, frames) as page:
         await set_fields(page, steps="3", seed="5")
         # A square size first (committed by Tab), then a tall one left in the focused field:
         # the old page's sketch grew taller and pushed Generate down under the pointer.
@@ -416,12 +413,7 @@ STAGE = """() => {
 @needs_chromium
 async def test_cancel_marks_the_preview_left_on_the_stage(start_server) -> None:
     frames = Frames()
-    async with (
-        start_server() as server,
-        chromium() as browser,
-        open_page(browser, server.http_url + "/", frames) as page,
-    ):
-        await page.wait_for_selector("body[data-conn=open]")
+    async with connected_page(start_server, frames) as page:
         await set_fields(page, prompt="a fox", steps="150", width="256", height="256")
         await page.select_option("#preview-kind", "latent")
         await page.click("#generate")
@@ -451,12 +443,7 @@ async def test_cancel_marks_the_preview_left_on_the_stage(start_server) -> None:
 @needs_chromium
 async def test_generate_while_a_job_runs_says_it_replaces(start_server) -> None:
     frames = Frames()
-    async with (
-        start_server() as server,
-        chromium() as browser,
-        open_page(browser, server.http_url + "/", frames) as page,
-    ):
-        await page.wait_for_selector("body[data-conn=open]")
+    async with connected_page(start_server, frames) as page:
         assert await page.text_content("#generate") == "Generate"
         await set_fields(page, prompt="a fox", steps="150", width="256", height="256")
         await page.click("#generate")
