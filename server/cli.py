@@ -351,6 +351,12 @@ def _main(argv: Sequence[str] | None) -> int:
             for error in exc.errors()
         )
         serve.error(f"invalid configuration: {problems}")
+    if config.largest_result_bytes() > config.max_message_bytes:
+        serve.error(
+            f"--max-message-bytes {config.max_message_bytes} cannot hold the largest result "
+            f"these limits allow (~{config.largest_result_bytes()} bytes): raise it, or lower "
+            "--max-width / --max-height / --max-images"
+        )
     problem = listen_problem(config.host, config.port)
     if problem is not None:
         _fail(problem)

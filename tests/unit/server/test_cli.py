@@ -568,3 +568,8 @@ def test_loras_parse_as_name_equals_path(tmp_path: Path) -> None:
     for bad in ("noequals", "=path", "dup=a,dup=b", "bad name=x"):
         with pytest.raises(ValidationError):
             config_from(build_parser().parse_args(["serve"]), {"LATENTCAST_LORA": bad})
+
+
+def test_limits_whose_result_does_not_fit_the_message_limit_are_one_line(capsys) -> None:
+    err = run_main_error(["serve", "--max-width", "1536", "--max-height", "1536"], capsys)
+    assert "--max-message-bytes" in err and "Traceback" not in err
