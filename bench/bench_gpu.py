@@ -65,7 +65,7 @@ from PIL import Image
 from latentcast.protocol import PreviewRequest
 from latentcast.server.app import Server
 from latentcast.server.config import ServerConfig
-from latentcast.server.engine import Engine
+from latentcast.server.engine import diffusers_arguments
 from latentcast.server.jobs import GenerationRequest
 
 HOST = "127.0.0.1"
@@ -484,7 +484,6 @@ async def bench_model(plan: Plan, args: argparse.Namespace, device: torch.device
             num_images=1,
             preview=preview,
         )
-        engine = Engine(model)
 
         def direct_once() -> tuple[Run, Image.Image]:
             times: list[tuple[float, int]] = []
@@ -504,7 +503,7 @@ async def bench_model(plan: Plan, args: argparse.Namespace, device: torch.device
             pipeline: Any = model.pipeline
             pipeline.scheduler = model.make_scheduler(request.scheduler)
             output = pipeline(
-                **engine.pipeline_arguments(request), callback_on_step_end=on_step_end
+                **diffusers_arguments(request), callback_on_step_end=on_step_end
             )
             wall = time.perf_counter() - began
             gpu_rate = float("nan")

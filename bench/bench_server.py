@@ -65,7 +65,7 @@ from latentcast.protocol import (
 )
 from latentcast.server.app import Server
 from latentcast.server.config import ServerConfig
-from latentcast.server.engine import Engine
+from latentcast.server.engine import diffusers_arguments
 from latentcast.server.jobs import GenerationRequest
 from latentcast.server.models import default_cache_dir
 
@@ -305,13 +305,12 @@ class Bench:
             num_images=1,
             preview=preview,
         )
-        engine = Engine(model)
 
         def direct_once() -> tuple[float, Image.Image]:
             started = time.perf_counter()
             pipeline = model.pipeline
             pipeline.scheduler = model.make_scheduler(request.scheduler)
-            result = pipeline(**engine.pipeline_arguments(request))
+            result = pipeline(**diffusers_arguments(request))
             return time.perf_counter() - started, result.images[0]
 
         async def direct() -> tuple[float, Image.Image]:

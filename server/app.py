@@ -47,7 +47,7 @@ from latentcast.protocol import (
 
 from . import __version__
 from .config import ServerConfig
-from .engine import Engine, EngineThread, EngineWorker
+from .engine import EngineCore, EngineThread, EngineWorker, default_max_batch
 from .metrics import Metrics
 from .models import LoadedModel, load_model
 from .scheduler import Scheduler
@@ -230,13 +230,16 @@ class Server:
             self._stop_requested.set()
             return
         if model.device.type == "cpu":
-            threads = config.cpu_threads or max(1, (os.cpu_count() or 1) - 1)
-            await self._thread.call(torch.set_num_threads, threads)
+            if config.cpu_threads is not None:
+                await self._thread.call(torch.set_num_threads, config.cpu_threads)
+            threads = await self._thread.call(torch.get_num_threads)
             logger.info("engine uses %d CPU threads", threads)
         self.model = model
         self._context = self._session_context(model)
-        engine = Engine(model)
-        worker = EngineWorker(engine, self._thread, self.scheduler, self._encoder, self.metrics)
+        max_batch = config.max_batch or default_max_batch(model.device.type)
+        core = EngineCore(model, max_batch=max_batch)
+        logger.info("engine batches up to %d UNet rows per step", max_batch)
+        worker = EngineWorker(core, self._thread, self.scheduler, self._encoder, self.metrics)
         engine_loop = asyncio.create_task(worker.run(), name="engine-loop")
         engine_loop.add_done_callback(self._engine_loop_ended)
         self._tasks.append(engine_loop)

@@ -155,9 +155,17 @@ SERVE_OPTIONS = (
         metavar="BYTES",
     ),
     _Option(
+        "--max-batch",
+        "max_batch",
+        "rows of one UNet call shared by running jobs; 1 runs one job at a time "
+        "(default: 8 on CPU, 16 on CUDA)",
+        int,
+        metavar="N",
+    ),
+    _Option(
         "--cpu-threads",
         "cpu_threads",
-        "torch threads when running on CPU (default: all cores but one)",
+        "torch threads when running on CPU (default: torch's, one per physical core)",
         int,
         metavar="N",
     ),

@@ -64,8 +64,11 @@ class ServerConfig(BaseModel):
     max_message_bytes: int = Field(default=32 * 2**20, ge=64 * 2**10)
     max_bad_frames: int = Field(default=16, ge=1)
     max_pending_messages: int = Field(default=DEFAULT_MAX_PENDING_MESSAGES, ge=16)
-    #: torch threads for the engine on a CPU device; None: every core but one, which is
-    #: left to the event loop (a loop starved by torch's spinning threads delays cancels).
+    #: Rows of one UNet call shared by running jobs (one per image, two with guidance);
+    #: 1 runs one job at a time. None: the device's default (engine/batching.py).
+    max_batch: int | None = Field(default=None, ge=1)
+    #: torch threads for the engine on a CPU device; None: torch's own default (a
+    #: thread per physical core), the speed of the pipeline called directly.
     cpu_threads: int | None = Field(default=None, ge=1)
     log_level: LogLevel = "info"
 

@@ -37,8 +37,14 @@ class Metrics:
             self.jobs.labels(outcome=outcome)
         self.step_seconds = Histogram(
             "latentcast_step_seconds",
-            "Wall time of one denoising step.",
+            "Wall time of one engine step (one UNet call for a group of jobs).",
             buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+            registry=self.registry,
+        )
+        self.unet_rows = Histogram(
+            "latentcast_unet_rows",
+            "Rows of one UNet call (one per image, two with guidance): how full batches are.",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=self.registry,
         )
         self.job_seconds = Histogram(

@@ -8,7 +8,8 @@ last had a job started (never first, ties by their oldest waiting job), then tak
 robin, one job each, FIFO within a session.
 
 :class:`Scheduler` is the asyncio face of it: jobs go in, the engine awaits
-:meth:`Scheduler.next_job`, cancels of waiting jobs take effect at once, and positions are
+:meth:`Scheduler.next_job` (or starts jobs with :meth:`Scheduler.start_next` while they
+fit), cancels of waiting jobs take effect at once, and positions are
 told to clients as they change: at once, and then at most once per
 :data:`QUEUED_MIN_INTERVAL` per job (a change within that interval is sent once, when it
 has passed, with the position of that moment).
@@ -110,16 +111,24 @@ class FairQueue(Generic[T]):
                 break
         return True
 
+    def peek(self) -> T | None:
+        """The next item to start, left waiting; None when nothing waits."""
+        lane = self._next_lane()
+        return None if lane is None else lane.items[0][1]
+
     def pop(self) -> T | None:
         """The next item to start, removed; None when nothing waits."""
-        lanes = [lane for lane in self._lanes.values() if lane.items]
-        if not lanes:
+        lane = self._next_lane()
+        if lane is None:
             return None
-        lane = min(lanes, key=_Lane.sort_key)
         _, item = lane.items.popleft()
         lane.last_start = next(self._ticks)
         del self._where[item]
         return item
+
+    def _next_lane(self) -> _Lane[T] | None:
+        lanes = [lane for lane in self._lanes.values() if lane.items]
+        return min(lanes, key=_Lane.sort_key) if lanes else None
 
     def order(self) -> list[T]:
         """Every waiting item in the order they will start if nothing else arrives."""
@@ -283,17 +292,37 @@ class Scheduler:
 
     async def next_job(self) -> Job:
         """The next job to run, marked RUNNING. Waits while nothing waits."""
-        while True:
-            job = self._queue.pop()
-            if job is not None:
-                self._leave_queue(job)
-                job.state = JobState.RUNNING
-                job.started_at = time.monotonic()
-                self._metrics.queue_seconds.observe(job.started_at - job.accepted_at)
-                self._publish(self._queue.order())
-                return job
+        await self.wait_for_waiting()
+        return self.start_next()
+
+    async def wait_for_waiting(self) -> None:
+        """Until a job waits (at once if one does)."""
+        while not self.waiting:
             self._wakeup.clear()
             await self._wakeup.wait()
+
+    def peek_next(self) -> Job | None:
+        """The job that starts next in fairness order, still waiting; None if none waits."""
+        return self._queue.peek()
+
+    def start_next(self) -> Job:
+        """Take the job :meth:`peek_next` names out of the queue, marked RUNNING.
+
+        Jobs start only in this order (PROTOCOL.md 5.6: several may run at once, and
+        they are admitted to the engine in fairness order): never overtaken.
+
+        Raises:
+            LookupError: no job waits.
+        """
+        job = self._queue.pop()
+        if job is None:
+            raise LookupError("no job is waiting")
+        self._leave_queue(job)
+        job.state = JobState.RUNNING
+        job.started_at = time.monotonic()
+        self._metrics.queue_seconds.observe(job.started_at - job.accepted_at)
+        self._publish(self._queue.order())
+        return job
 
     # ------------------------------------------------------------------ internals
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +39,18 @@ TIMEOUT = 60.0
 #: core, while each step stays short (so a stop still takes effect within a fraction of a
 #: second). At the tiny model's default 64x64, 150 steps can end within a second.
 LONG_JOB: dict[str, int] = {"steps": 150, "width": 256, "height": 256}
+
+#: Server options under which a job submitted while another runs WAITS in the queue: the
+#: engine runs one job at a time (``--max-batch 1``). By default jobs share the engine
+#: (step batching), so a second job joins the running one at the next step instead; a
+#: test of queueing itself (positions, cancelling or replacing a waiting job, queue
+#: limits, start order) runs with these.
+ONE_AT_A_TIME: dict[str, int] = {"max_batch": 1}
+
+#: The largest per-channel difference (0-255) between a job's image when it shared UNet
+#: calls with other jobs and its image alone: batched arithmetic rounds differently in
+#: the last bits (PROTOCOL.md 5.8). Measured: at most 1 on the tiny models.
+BATCH_ROUNDING = 2
 
 
 class _Sender:
@@ -229,3 +243,59 @@ def ready_status(http_url: str) -> tuple[int, dict[str, Any]]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
+
+
+class EngineHold:
+    """A call on the engine thread that blocks it until :meth:`release`.
+
+    The engine thread runs its calls in order: a job's run queued after this one waits,
+    one queued before it runs first. So jobs wait here whatever the machine's speed.
+    """
+
+    def __init__(self, server: Any) -> None:
+        self._server = server
+        self._release = threading.Event()
+        self._task: asyncio.Future | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.ensure_future(self._server.engine_thread.call(self._release.wait, 120))
+        await asyncio.sleep(0)  # the call is queued on the engine thread now
+
+    async def release(self) -> None:
+        self._release.set()
+        if self._task is not None:
+            await self._task
+
+
+@asynccontextmanager
+async def engine_hold(server: Any) -> AsyncIterator[EngineHold]:
+    """Hold the engine thread for the ``async with`` block (see :class:`EngineHold`)."""
+    hold = EngineHold(server)
+    await hold.start()
+    try:
+        yield hold
+    finally:
+        await hold.release()
+
+
+def largest_difference(png_a: bytes, png_b: bytes) -> int:
+    """The largest per-channel difference (0-255) between two encoded images of one size."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(Image.open(io.BytesIO(png_a)).convert("RGB"), dtype=np.int16)
+    b = np.asarray(Image.open(io.BytesIO(png_b)).convert("RGB"), dtype=np.int16)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return int(np.abs(a - b).max())
+
+
+def metric_samples(server: Any, histogram: str) -> dict[str, float]:
+    """A Prometheus histogram's ``sum`` and ``count`` from ``server``'s metrics."""
+    values = {}
+    for line in server.metrics.render().decode().splitlines():
+        for part in ("sum", "count"):
+            if line.startswith(f"{histogram}_{part} "):
+                values[part] = float(line.split()[-1])
+    return values

@@ -9,7 +9,14 @@ import pytest
 from PIL import Image
 
 from latentcast.protocol import Complete, ImagePreview, Progress, Started
-from tests.support import is_terminal, open_client
+from tests.support import (
+    BATCH_ROUNDING,
+    ONE_AT_A_TIME,
+    is_terminal,
+    largest_difference,
+    metric_samples,
+    open_client,
+)
 
 MODELS = ["tiny", "tiny-sdxl"]
 
@@ -214,10 +221,12 @@ async def test_an_inpainting_model_does_only_inpaint(start_server) -> None:
         await client.close()
 
 
+@pytest.mark.parametrize("batching", ["one at a time", "batched"])
 async def test_jobs_of_every_kind_interleave_without_leaking_state(
-    start_server, model_name
+    start_server, model_name, batching
 ) -> None:
-    """The same job gives the same bytes alone and between jobs of other kinds."""
+    """The same job gives the same bytes alone and between jobs of other kinds, run one
+    at a time; run together (sharing UNet calls), the same image up to rounding."""
     init = png(noise(64, 64, seed=3))
     mask = np.zeros((64, 64), dtype=np.uint8)
     mask[16:48, 16:48] = 255
@@ -229,7 +238,8 @@ async def test_jobs_of_every_kind_interleave_without_leaking_state(
         "ancestral": {"scheduler": "euler_a", "steps": 3},
         "lcm": {"scheduler": "lcm", "steps": 2, "guidance_scale": 1.0},
     }
-    async with start_server(model=model_name) as server:
+    options = ONE_AT_A_TIME if batching == "one at a time" else {}
+    async with start_server(model=model_name, **options) as server:
         client = await open_client(server.ws_url)
         alone = {}
         for name, fields in kinds.items():
@@ -247,7 +257,14 @@ async def test_jobs_of_every_kind_interleave_without_leaking_state(
         mixed = {
             m.id.removesuffix("-mixed"): m.images[0].data for m in got if isinstance(m, Complete)
         }
-        assert mixed == alone
+        assert mixed.keys() == alone.keys()
+        if batching == "one at a time":
+            assert mixed == alone
+        else:
+            rows = metric_samples(server, "latentcast_unet_rows")
+            assert rows["sum"] > rows["count"] * 2, "some UNet calls held several jobs"
+            differences = {name: largest_difference(mixed[name], alone[name]) for name in alone}
+            assert max(differences.values()) <= BATCH_ROUNDING, differences
         await client.close()
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 
 from latentcast.protocol import Accepted, Cancelled, Complete, Progress, Started
-from tests.support import LONG_JOB, is_terminal, open_client
+from tests.support import LONG_JOB, ONE_AT_A_TIME, is_terminal, open_client
 
 LONG = LONG_JOB["steps"]
 
 
 async def test_cancel_of_a_queued_job_answers_at_once(start_server) -> None:
-    async with start_server() as server:
+    async with start_server(**ONE_AT_A_TIME) as server:
         client = await open_client(server.ws_url)
         await client.submit("running", **LONG_JOB)
         await client.submit("queued", steps=1)
@@ -30,7 +30,8 @@ async def test_cancel_of_a_queued_job_answers_at_once(start_server) -> None:
 async def test_cancel_of_a_running_job_stops_at_the_next_step_and_the_engine_moves_on(
     start_server,
 ) -> None:
-    async with start_server() as server:
+    # One job at a time, so that "next" waits for the cancelled job to leave the engine.
+    async with start_server(**ONE_AT_A_TIME) as server:
         client = await open_client(server.ws_url)
         await client.submit("running", **LONG_JOB)
         await client.submit("next", steps=1)
@@ -67,7 +68,7 @@ async def test_cancel_of_an_ended_job_is_unknown_job(start_server) -> None:
 
 
 async def test_replacing_a_queued_job_takes_its_place(start_server) -> None:
-    async with start_server() as server:
+    async with start_server(**ONE_AT_A_TIME) as server:
         client = await open_client(server.ws_url)
         await client.submit("running", **LONG_JOB)
         await client.recv_until(lambda m: m.type == "started")
@@ -131,7 +132,7 @@ async def test_a_rejected_replacing_submit_leaves_the_named_job_alone(start_serv
 
 
 async def test_the_replaced_job_does_not_count_toward_the_limits(start_server) -> None:
-    async with start_server(max_jobs_per_session=1, max_queue=1) as server:
+    async with start_server(max_jobs_per_session=1, max_queue=1, **ONE_AT_A_TIME) as server:
         client = await open_client(server.ws_url)
         blocker = await open_client(server.ws_url)
         await blocker.submit("block", **LONG_JOB)

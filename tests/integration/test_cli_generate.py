@@ -17,9 +17,9 @@ from PIL import Image
 from latentcast.client import connect
 from latentcast.client.cli import CANCEL_GRACE
 from latentcast.server import app as server_app
-from latentcast.server import engine as server_engine
 from latentcast.server.app import Server
 from latentcast.server.config import ServerConfig
+from latentcast.server.engine import EngineCore, JobStepped, StepReport
 
 TIMEOUT = 60.0
 LONG = 150  # steps (the default max_steps)
@@ -299,15 +299,17 @@ async def test_ctrl_c_waits_for_the_end_of_a_slow_step(
     Ctrl-C still waits for the cancelled (about one and a half steps)."""
     slow = CANCEL_GRACE + 0.6
     first_step = threading.Event()
-    real_step = server_engine._JobReporter.step
+    real_step = EngineCore.step
 
-    def slow_step(self: Any, step: int, steps: int, latent: Any) -> None:
-        time.sleep(slow)
-        real_step(self, step, steps, latent)
-        if step == 1:
+    def slow_step(self: Any, aborts: Any = ()) -> StepReport:
+        report = real_step(self, aborts)
+        if report.unet_rows:  # a denoising step ran: it took `slow` seconds
+            time.sleep(slow)
+        if any(isinstance(event, JobStepped) and event.step == 1 for event in report.events):
             first_step.set()
+        return report
 
-    monkeypatch.setattr(server_engine._JobReporter, "step", slow_step)
+    monkeypatch.setattr(EngineCore, "step", slow_step)
     async with start_server() as server:
         process = await _start_cli(
             "slow", "--url", server.ws_url, "-o", str(tmp_path / "x.png"), "--steps", "4"

@@ -24,7 +24,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from latentcast.protocol import Draining, Error
-from tests.support import LONG_JOB, is_terminal, open_client, ready_status
+from tests.support import LONG_JOB, ONE_AT_A_TIME, is_terminal, open_client, ready_status
 
 
 async def _closed_code(client) -> int:
@@ -66,7 +66,8 @@ async def test_drain_lets_jobs_finish_refuses_new_work_and_closes_with_1001(star
 
 
 async def test_at_the_deadline_unfinished_jobs_end_with_shutdown(start_server) -> None:
-    async with start_server(drain_timeout=1.0) as server:
+    # One job at a time: "queued" is still waiting at the deadline.
+    async with start_server(drain_timeout=1.0, **ONE_AT_A_TIME) as server:
         client = await open_client(server.ws_url)
         await client.submit("running", **LONG_JOB)
         await client.recv_until(lambda m: m.type == "started")

@@ -18,7 +18,7 @@ from latentcast.protocol import (
     Progress,
     Started,
 )
-from latentcast.server.engine import Engine
+from latentcast.server.engine import diffusers_arguments
 from latentcast.server.jobs import GenerationRequest
 from latentcast.server.previews import encode_image
 from tests.support import open_client
@@ -132,12 +132,11 @@ async def test_image_is_byte_identical_to_calling_the_pipeline_directly(start_se
             scheduler=client.welcome.defaults.scheduler,
             num_images=1,
         )
-        engine = Engine(server.model)
         model = server.model
 
         def direct_call() -> Image.Image:
             model.pipeline.scheduler = model.make_scheduler(request.scheduler)
-            return model.pipeline(**engine.pipeline_arguments(request)).images[0]
+            return model.pipeline(**diffusers_arguments(request)).images[0]
 
         # On the engine's own thread: torch's thread count (and so the float rounding of
         # a CPU run) is per thread, and the engine sets its own.

@@ -8,11 +8,12 @@ import time
 
 from latentcast.protocol import Accepted, Queued, Started
 from latentcast.server.scheduler import QUEUED_MIN_INTERVAL
-from tests.support import LONG_JOB, Client, is_terminal, open_client
+from tests.support import LONG_JOB, ONE_AT_A_TIME, Client, is_terminal, open_client
 
 
 async def test_a_backlog_does_not_starve_another_session(start_server) -> None:
-    async with start_server() as server:
+    # One job at a time, so that the start order is the order of `started`.
+    async with start_server(**ONE_AT_A_TIME) as server:
         busy = await open_client(server.ws_url)
         late = await open_client(server.ws_url)
         for k in range(4):
@@ -34,7 +35,7 @@ async def test_a_backlog_does_not_starve_another_session(start_server) -> None:
 
 
 async def test_positions_are_told_and_updated(start_server) -> None:
-    async with start_server() as server:
+    async with start_server(**ONE_AT_A_TIME) as server:
         client = await open_client(server.ws_url)
         await client.submit("run", **LONG_JOB)
         await client.recv_until(lambda m: m.type == "started")
@@ -62,8 +63,9 @@ async def test_answers_come_in_submit_order_and_sessions_see_only_their_jobs(sta
             await two.submit(f"same{k}", steps=2, preview={"kind": "latent"})
         await one.submit("same0", steps=1)  # duplicate in between: still in order
         await one.submit("last", steps=1)
-        got_one = await one.recv_until(lambda m: is_terminal(m, "last"))
-        got_two = await two.recv_until(lambda m: is_terminal(m, "same2"))
+        # Jobs run together and end in any order: read until each session's last ends.
+        got_one = await _until_ended(one, {"same0", "same1", "same2", "last"})
+        got_two = await _until_ended(two, {"same0", "same1", "same2"})
         answers = [(m.type, m.id) for m in got_one if m.type in ("accepted", "error")]
         assert answers == [
             ("accepted", "same0"),
@@ -87,6 +89,21 @@ async def test_answers_come_in_submit_order_and_sessions_see_only_their_jobs(sta
         await two.close()
 
 
+async def _until_ended(client: Client, ids: set[str]) -> list:
+    """Everything ``client`` receives until a job of each id in ``ids`` has ended."""
+    ended: set[str] = set()
+
+    def done(message) -> bool:
+        # The rejected duplicate "same0" is an error without a job: not an end.
+        if is_terminal(message) and not (
+            message.type == "error" and message.code == "duplicate_id"
+        ):
+            ended.add(message.id)
+        return ended >= ids
+
+    return await client.recv_until(done)
+
+
 async def read_for(client: Client, seconds: float) -> None:
     """Read everything that comes for ``seconds`` (so each message's time is its arrival)."""
     deadline = time.monotonic() + seconds
@@ -101,7 +118,7 @@ async def test_queued_is_paced_per_job_and_ends_on_the_true_position(start_serve
     """PROTOCOL.md 4: queued at most once per 250 ms per job, carrying the latest position."""
     waiting, cancelled = 20, 12
     gap = 0.03  # between two cancels: an unpaced server would send queued this often
-    async with start_server(max_jobs_per_session=32) as server:
+    async with start_server(max_jobs_per_session=32, **ONE_AT_A_TIME) as server:
         client = await open_client(server.ws_url)
         await client.submit("run", **LONG_JOB)
         await client.recv_until(lambda m: m.type == "started")

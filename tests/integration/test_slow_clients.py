@@ -9,13 +9,12 @@ server's writer for that session until the client reads: the tests wait for that
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 
 from latentcast.protocol import Complete, LatentPreview, Progress
 from latentcast.server.jobs import StopReason
-from tests.support import open_client, open_stalled_client, wait_for
+from tests.support import ONE_AT_A_TIME, engine_hold, open_client, open_stalled_client, wait_for
 
 #: One job whose result alone is far more than a stalled connection can absorb.
 BIG = {"width": 128, "height": 128, "num_images": 4, "steps": 2, "guidance_scale": 1.0}
@@ -43,38 +42,6 @@ async def _stall(server, stalled, job_id: str) -> None:
     """Run a big job and see that its ``complete`` blocks the session's writer."""
     await _run_unread(server, stalled, job_id, **BIG, preview={"kind": "image"})
     assert stalled.session.buffer.reliable_backlog > 0, "the writer is blocked on the result"
-
-
-class _EngineHold:
-    """A call on the engine thread that blocks it until :meth:`release`.
-
-    The engine thread runs its calls in order: a job's run queued after this one waits,
-    one queued before it runs first. So jobs wait here whatever the machine's speed.
-    """
-
-    def __init__(self, server) -> None:
-        self._server = server
-        self._release = threading.Event()
-        self._task: asyncio.Future | None = None
-
-    async def start(self) -> None:
-        self._task = asyncio.ensure_future(self._server.engine_thread.call(self._release.wait, 120))
-        await asyncio.sleep(0)  # the call is queued on the engine thread now
-
-    async def release(self) -> None:
-        self._release.set()
-        if self._task is not None:
-            await self._task
-
-
-@asynccontextmanager
-async def _engine_hold(server):
-    hold = _EngineHold(server)
-    await hold.start()
-    try:
-        yield hold
-    finally:
-        await hold.release()
 
 
 async def test_a_stalled_reader_does_not_hold_up_the_engine_or_other_sessions(start_server) -> None:
@@ -111,18 +78,19 @@ async def test_a_stalled_reader_does_not_hold_up_the_engine_or_other_sessions(st
 async def test_a_client_that_does_not_read_is_disconnected_after_the_send_timeout(
     start_server,
 ) -> None:
-    async with start_server(send_timeout=1.0) as server, AsyncExitStack() as holds:
+    # One job at a time: "long" waits behind "big".
+    async with start_server(send_timeout=1.0, **ONE_AT_A_TIME) as server, AsyncExitStack() as holds:
         stalled = await open_stalled_client(server)
         session = stalled.session
         # The engine runs "big", whose result stalls the writer, but not "long", which is
         # still unfinished when the send timeout ends the session, whatever the speed.
-        first = await holds.enter_async_context(_engine_hold(server))
+        first = await holds.enter_async_context(engine_hold(server))
         await stalled.submit("big", **BIG)
         await stalled.submit("long", steps=5)
         await wait_for(lambda: {"big", "long"} <= session.jobs.keys())
         big, long = session.jobs["big"], session.jobs["long"]
         await wait_for(lambda: big.state.value == "running")  # its run is queued: first
-        await holds.enter_async_context(_engine_hold(server))  # long's run comes after
+        await holds.enter_async_context(engine_hold(server))  # long's run comes after
         await first.release()
         await wait_for(lambda: big.outcome is not None)
         assert big.outcome == "complete"

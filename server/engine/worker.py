@@ -1,0 +1,276 @@
+"""The bridge between the event loop and the engine core (vLLM's async front end).
+
+:class:`EngineWorker` is the engine loop, on the event loop: at every step boundary it
+admits waiting jobs in fairness order while they fit (:mod:`.batching`), hands aborts to
+the core, runs one :meth:`EngineCore.step` on the :class:`EngineThread` and dispatches
+that step's events: one hand-off per step, whatever the batch holds. Each event becomes
+messages for the job's session (progress and previews latest-wins, built only when the
+session is about to send them); a job's terminal message goes through :meth:`Job.end`.
+Finished images are encoded in the encoder pool, beside the next steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import Counter
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+from PIL import Image
+
+from latentcast.protocol import (
+    Complete,
+    Error,
+    ErrorCode,
+    ImagePreview,
+    ImageResult,
+    LatentPreview,
+    OutputRequest,
+    Progress,
+    Started,
+    Timings,
+)
+from latentcast.protocol.limits import SEED_SPACE
+
+from ..jobs import Job
+from ..metrics import Metrics
+from ..models import LatentRGB
+from ..previews import encode_image, encode_preview, rgb_preview
+from ..scheduler import Scheduler, stopped_message
+from .batching import GroupKey
+from .core import EngineCore, group_key
+from .events import (
+    EngineEvent,
+    JobFailed,
+    JobFinished,
+    JobSpec,
+    JobStarted,
+    JobStepped,
+    JobStopped,
+    LatentSnapshot,
+)
+from .prepare import job_rows
+from .thread import EngineThread
+
+logger = logging.getLogger("latentcast.engine")
+
+
+def encode_results(
+    images: list[Image.Image], output: OutputRequest, first_seed: int
+) -> list[ImageResult]:
+    """Encode finished images as the client asked (runs in the encoder pool)."""
+    return [
+        ImageResult(
+            data=encode_image(image, output.format, output.quality),
+            format=output.format,
+            width=image.width,
+            height=image.height,
+            seed=(first_seed + k) % SEED_SPACE,
+        )
+        for k, image in enumerate(images)
+    ]
+
+
+@dataclass(eq=False)
+class _Running:
+    """A job in the engine, as the loop side knows it."""
+
+    job: Job
+    group: GroupKey
+    rows: int
+
+
+class EngineWorker:
+    """The engine loop: admit, step, dispatch; forever (until cancelled)."""
+
+    def __init__(
+        self,
+        core: EngineCore,
+        thread: EngineThread,
+        scheduler: Scheduler,
+        encoder: Executor,
+        metrics: Metrics,
+    ) -> None:
+        self._core = core
+        self._thread = thread
+        self._scheduler = scheduler
+        self._encoder = encoder
+        self._metrics = metrics
+        self._latent_rgb: LatentRGB | None = core.model.family.latent_rgb
+        self._keys = itertools.count()
+        self._running: dict[int, _Running] = {}
+        self._finishing: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        while True:
+            if not self._running:
+                await self._scheduler.wait_for_waiting()
+            specs = self._admit()
+            if specs:
+                self._dispatch(await self._thread.call(self._add_all, specs))
+            if not self._running:
+                continue
+            aborts = [key for key, run in self._running.items() if run.job.stop_requested.is_set()]
+            report = await self._thread.call(self._core.step, aborts)
+            if report.unet_rows:
+                self._metrics.step_seconds.observe(report.seconds)
+                for rows in report.unet_rows:
+                    self._metrics.unet_rows.observe(rows)
+            self._dispatch(report.events)
+
+    # ------------------------------------------------------------------ admission
+
+    def _admit(self) -> list[JobSpec]:
+        """Take waiting jobs, in fairness order, while the batch policy lets them join."""
+        model = self._core.model
+        policy = self._core.policy
+        groups: Counter[GroupKey] = Counter()
+        for run in self._running.values():
+            groups[run.group] += run.rows
+        specs = []
+        while (job := self._scheduler.peek_next()) is not None:
+            group, rows = group_key(model, job.request), job_rows(model, job.request)
+            if not policy.admits(groups, group, rows):
+                break
+            self._scheduler.start_next()
+            groups[group] += rows
+            key = next(self._keys)
+            self._running[key] = _Running(job, group, rows)
+            logger.info(
+                "session=%s job=%s started (%d rows, %d jobs in the engine)",
+                job.session_id,
+                job.id,
+                rows,
+                len(self._running),
+            )
+            specs.append(JobSpec(key, job.request))
+        self._metrics.jobs_running.set(len(self._running))
+        return specs
+
+    def _add_all(self, specs: list[JobSpec]) -> list[EngineEvent]:
+        """On the engine thread: phase 1 of each admitted job."""
+        events: list[EngineEvent] = []
+        for spec in specs:
+            events += self._core.add(spec)
+        return events
+
+    # ------------------------------------------------------------------ events
+
+    def _dispatch(self, events: list[EngineEvent]) -> None:
+        now = time.monotonic()
+        for event in events:
+            run = self._running.get(event.key)  # type: ignore[call-overload]
+            if run is None:
+                continue
+            job = run.job
+            if isinstance(event, JobStepped):
+                self._stepped(job, event, now)
+            elif isinstance(event, JobStarted):
+                self._started(job, event)
+            else:
+                del self._running[event.key]  # type: ignore[arg-type]
+                self._metrics.jobs_running.set(len(self._running))
+                if isinstance(event, JobFinished):
+                    self._finished(job, event.images)
+                elif isinstance(event, JobStopped):
+                    job.step = event.step
+                    job.end(stopped_message(job))
+                elif isinstance(event, JobFailed):
+                    logger.error(
+                        "session=%s job=%s failed: %s", job.session_id, job.id, event.message
+                    )
+                    job.end(
+                        Error(
+                            id=job.id,
+                            code=ErrorCode.GENERATION_FAILED,
+                            message=f"generation failed: {event.message}",
+                        )
+                    )
+
+    @staticmethod
+    def _started(job: Job, event: JobStarted) -> None:
+        job.steps = event.steps
+        if job.unfinished:
+            request = job.request
+            job.owner.send(
+                Started(
+                    id=job.id,
+                    seed=request.seed,
+                    steps=event.steps,
+                    width=request.width,
+                    height=request.height,
+                    warnings=event.warnings or None,
+                )
+            )
+
+    def _stepped(self, job: Job, event: JobStepped, now: float) -> None:
+        if not job.unfinished:
+            return
+        job.step = step = event.step
+        elapsed_ms = round((now - (job.started_at or now)) * 1000)
+        job.owner.send_latest(
+            (job.id, "progress"),
+            partial(Progress, id=job.id, step=step, steps=event.steps, elapsed_ms=elapsed_ms),
+        )
+        if event.latent is not None:
+            job.owner.send_latest(
+                (job.id, "preview"), partial(self._preview, job, step, event.latent)
+            )
+
+    def _preview(self, job: Job, step: int, latent: LatentSnapshot) -> LatentPreview | ImagePreview:
+        """Built by the session's writer when it is about to send (never if replaced)."""
+        preview = job.request.preview
+        if preview.kind == "latent":
+            return LatentPreview(id=job.id, step=step, shape=latent.shape, data=latent.fp16_bytes())
+        # Default size: the latent's own (PROTOCOL.md), also for a decoder's full-size picture.
+        max_side = preview.max_side or max(latent.shape[1:])
+        if latent.rgb is not None:
+            data, width, height = encode_preview(latent.rgb, preview.format, max_side)
+        else:
+            assert self._latent_rgb is not None, "image previews were checked at submit"
+            data, width, height = rgb_preview(
+                latent.array().astype(np.float32), self._latent_rgb, preview.format, max_side
+            )
+        return ImagePreview(
+            id=job.id, step=step, format=preview.format, width=width, height=height, data=data
+        )
+
+    def _finished(self, job: Job, images: list[Image.Image]) -> None:
+        # Encoding runs beside the next steps, so the engine never waits for it.
+        task = asyncio.create_task(self._complete(job, images), name=f"complete-{job.id}")
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def _complete(self, job: Job, images: list[Image.Image]) -> None:
+        loop = asyncio.get_running_loop()
+        request = job.request
+        try:
+            results = await loop.run_in_executor(
+                self._encoder, encode_results, images, request.output, request.seed
+            )
+        except Exception as exc:
+            logger.exception("session=%s job=%s: encoding failed", job.session_id, job.id)
+            job.end(
+                Error(
+                    id=job.id, code=ErrorCode.GENERATION_FAILED, message=f"encoding failed: {exc}"
+                )
+            )
+            return
+        now = time.monotonic()
+        started_at = job.started_at or now
+        self._metrics.job_seconds.observe(now - started_at)
+        job.end(
+            Complete(
+                id=job.id,
+                images=results,
+                timings=Timings(
+                    queued_ms=round((started_at - job.accepted_at) * 1000),
+                    run_ms=round((now - started_at) * 1000),
+                ),
+            )
+        )
