@@ -235,8 +235,8 @@ class Server:
             threads = await self._thread.call(torch.get_num_threads)
             logger.info("engine uses %d CPU threads", threads)
         self.model = model
-        self._context = self._session_context(model)
         max_batch = config.max_batch or default_max_batch(model.device.type)
+        self._context = self._session_context(model, batching=max_batch > 1)
         core = EngineCore(model, max_batch=max_batch)
         logger.info("engine batches up to %d UNet rows per step", max_batch)
         worker = EngineWorker(core, self._thread, self.scheduler, self._encoder, self.metrics)
@@ -277,7 +277,7 @@ class Server:
             job.end(Error(id=job.id, code=ErrorCode.INTERNAL, message=message))
         self.request_stop()
 
-    def _session_context(self, model: LoadedModel) -> SessionContext:
+    def _session_context(self, model: LoadedModel, *, batching: bool) -> SessionContext:
         config = self.config
         latent_rgb = model.family.latent_rgb
         info = ModelInfo(
@@ -316,6 +316,7 @@ class Server:
                 for name in model.schedulers
                 if (limit := model.scheduler_step_limit(name)) is not None
             },
+            features=("batching",) if batching else (),
         )
 
     async def wait_ready(self) -> None:

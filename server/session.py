@@ -71,8 +71,9 @@ class SessionContext:
     image_previews: bool = True
     #: Schedulers that refuse more than some number of steps (lcm: 50).
     scheduler_step_limits: Mapping[str, int] = field(default_factory=dict)
-    #: The optional protocol features announced in ``welcome.features`` (none yet:
-    #: "batching", "models", "controls" and "resume" are still to come).
+    #: The optional protocol features announced in ``welcome.features``: "batching" when
+    #: jobs may share denoising steps (``--max-batch`` above 1); "models", "controls"
+    #: and "resume" are still to come.
     features: tuple[str, ...] = ()
 
 

@@ -21,7 +21,7 @@ from latentcast.protocol import (
 from latentcast.server.engine import diffusers_arguments
 from latentcast.server.jobs import GenerationRequest
 from latentcast.server.previews import encode_image
-from tests.support import open_client
+from tests.support import ONE_AT_A_TIME, open_client
 
 
 async def test_welcome_describes_the_model_limits_and_defaults(start_server) -> None:
@@ -50,7 +50,7 @@ async def test_welcome_carries_every_field_of_the_contract_on_the_wire(start_ser
         welcome = msgpack.unpackb(await ws.recv())
         model = welcome["model"]
         assert welcome["models"] == [model], "the default model, first and only"
-        assert welcome["features"] == [], "no optional feature is implemented yet"
+        assert welcome["features"] == ["batching"], "step batching, and nothing else yet"
         assert welcome["resume_token"] is None and welcome["resumed"] is False
         assert model["controlnets"] == []
         assert welcome["limits"]["max_controls"] == 0
@@ -65,6 +65,11 @@ async def test_welcome_carries_every_field_of_the_contract_on_the_wire(start_ser
             "max_bad_frames",
             "max_controls",
         }
+
+
+async def test_batching_is_announced_only_when_jobs_may_share_steps(start_server) -> None:
+    async with start_server(**ONE_AT_A_TIME) as server, connect(server.ws_url) as ws:
+        assert msgpack.unpackb(await ws.recv())["features"] == []
 
 
 async def test_txt2img_streams_in_order_and_completes(start_server) -> None:
