@@ -102,6 +102,10 @@ class Server:
         self.model: LoadedModel | None = None
         self.phase = Phase.CREATED
         self._thread = EngineThread()
+        #: torch's thread count for a CPU engine when --cpu-threads is not given: the
+        #: default torch chose in this process (one per physical core), the speed of the
+        #: pipeline called directly.
+        self._default_cpu_threads = torch.get_num_threads()
         self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="latentcast-encode")
         self._ws_server: WebSocketServer | None = None
         self._port: int | None = None
@@ -230,9 +234,10 @@ class Server:
             self._stop_requested.set()
             return
         if model.device.type == "cpu":
-            if config.cpu_threads is not None:
-                await self._thread.call(torch.set_num_threads, config.cpu_threads)
-            threads = await self._thread.call(torch.get_num_threads)
+            # Always set, also to the default: a thread that never set its count ran
+            # steps many times slower in a benchmark (torch's per-thread OpenMP set-up).
+            threads = config.cpu_threads or self._default_cpu_threads
+            await self._thread.call(torch.set_num_threads, threads)
             logger.info("engine uses %d CPU threads", threads)
         self.model = model
         max_batch = config.max_batch or default_max_batch(model.device.type)

@@ -112,12 +112,17 @@ class EngineCore:
             return []
         return [JobStopped(key, job.done)]
 
+    def abort_all(self, keys: Sequence[Hashable]) -> list[EngineEvent]:
+        """:meth:`abort` each of ``keys``."""
+        events: list[EngineEvent] = []
+        for key in keys:
+            events += self.abort(key)
+        return events
+
     def step(self, aborts: Sequence[Hashable] = ()) -> StepReport:
         """Abort ``aborts``, then one step of the next group in turn (if any job runs)."""
         started = time.monotonic()
-        events: list[EngineEvent] = []
-        for key in aborts:
-            events += self.abort(key)
+        events = self.abort_all(aborts)
         unet_rows: list[int] = []
         if self._groups:
             key, group = next(iter(self._groups.items()))

@@ -116,7 +116,13 @@ class EngineWorker:
             if not self._running:
                 continue
             aborts = [key for key, run in self._running.items() if run.job.stop_requested.is_set()]
-            report = await self._thread.call(self._core.step, aborts)
+            if aborts:
+                # Its own hand-off: a stopped job hears at this boundary, not after the
+                # next step of the jobs that go on.
+                self._dispatch(await self._thread.call(self._core.abort_all, aborts))
+                if not self._running:
+                    continue
+            report = await self._thread.call(self._core.step)
             if report.unet_rows:
                 self._metrics.step_seconds.observe(report.seconds)
                 for rows in report.unet_rows:
