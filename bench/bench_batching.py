@@ -836,6 +836,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="tiny", help="model spec, as for latentcast serve")
     parser.add_argument("--device", default="auto", help="device, as for latentcast serve")
     parser.add_argument(
+        "--cpu-threads", type=int, default=None, help="the engine's torch threads (serve's)"
+    )
+    parser.add_argument(
+        "--max-batch", type=int, default=None, help="rows per UNet call (serve's default)"
+    )
+    parser.add_argument(
         "--rounds", type=int, default=None, help="(a, b, c) interleaved rounds (3; quick 1)"
     )
     parser.add_argument(
@@ -885,6 +891,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         model=args.model,
         device=args.device,
         cache_dir=cache_dir,
+        cpu_threads=args.cpu_threads,
+        max_batch=args.max_batch,
     )
     async with Server(config) as server:
         async with asyncio.timeout(LOAD_TIMEOUT):
