@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import AsyncExitStack
 
 from latentcast.protocol import Complete, LatentPreview, Progress
 from latentcast.server.jobs import StopReason
-from tests.support import ONE_AT_A_TIME, engine_hold, open_client, open_stalled_client, wait_for
+from tests.support import (
+    LONG_JOB,
+    ONE_AT_A_TIME,
+    engine_hold,
+    open_client,
+    open_stalled_client,
+    wait_for,
+)
 
 #: One job whose result alone is far more than a stalled connection can absorb.
 BIG = {"width": 128, "height": 128, "num_images": 4, "steps": 2, "guidance_scale": 1.0}
@@ -78,20 +84,21 @@ async def test_a_stalled_reader_does_not_hold_up_the_engine_or_other_sessions(st
 async def test_a_client_that_does_not_read_is_disconnected_after_the_send_timeout(
     start_server,
 ) -> None:
-    # One job at a time: "long" waits behind "big".
-    async with start_server(send_timeout=1.0, **ONE_AT_A_TIME) as server, AsyncExitStack() as holds:
+    # One job at a time. The engine runs "big", whose result stalls the writer, then
+    # "block", another session's job (a session that has had none started goes first,
+    # PROTOCOL.md 5.6), so "long" is still waiting when the send timeout ends the session,
+    # whatever the speed.
+    async with start_server(send_timeout=1.0, **ONE_AT_A_TIME) as server:
         stalled = await open_stalled_client(server)
         session = stalled.session
-        # The engine runs "big", whose result stalls the writer, but not "long", which is
-        # still unfinished when the send timeout ends the session, whatever the speed.
-        first = await holds.enter_async_context(engine_hold(server))
-        await stalled.submit("big", **BIG)
-        await stalled.submit("long", steps=5)
-        await wait_for(lambda: {"big", "long"} <= session.jobs.keys())
+        blocker = await open_client(server.ws_url)
+        async with engine_hold(server):  # all three wait until they are queued
+            await stalled.submit("big", **BIG)
+            await stalled.submit("long", steps=5)
+            await wait_for(lambda: {"big", "long"} <= session.jobs.keys())
+            await blocker.submit("block", **LONG_JOB)
+            await blocker.recv_until(lambda m: m.type == "accepted")
         big, long = session.jobs["big"], session.jobs["long"]
-        await wait_for(lambda: big.state.value == "running")  # its run is queued: first
-        await holds.enter_async_context(engine_hold(server))  # long's run comes after
-        await first.release()
         await wait_for(lambda: big.outcome is not None)
         assert big.outcome == "complete"
         assert session.buffer.reliable_backlog > 0, "the writer is blocked on big's result"
@@ -102,19 +109,21 @@ async def test_a_client_that_does_not_read_is_disconnected_after_the_send_timeou
         assert session.buffer.closed
         metrics = server.metrics.render().decode()
         assert "latentcast_slow_client_disconnects_total 1.0" in metrics
-        # Its unfinished job was cancelled (before it ran), so the engine is free ...
-        await holds.aclose()
+        # Its unfinished job was cancelled (before it ran) ...
         await wait_for(lambda: long.outcome is not None)
         assert (long.outcome, long.stop_reason, long.step) == (
             "cancelled",
             StopReason.DISCONNECT,
             0,
         )
-        # ... and a new client is served.
+        # ... and once the engine is free, a new client is served.
+        await blocker.send({"type": "cancel", "id": "block"})
+        assert (await blocker.job_messages("block"))[-1].type == "cancelled"
         reader = await open_client(server.ws_url)
         await reader.submit("after", steps=1)
         assert (await reader.job_messages("after", timeout=30))[-1].type == "complete"
         await reader.close()
+        await blocker.close()
         await stalled.close()
 
 
