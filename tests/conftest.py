@@ -30,13 +30,24 @@ ServerFactory = Callable[..., AbstractAsyncContextManager[Any]]
 
 @pytest.fixture
 def start_server(model_cache: Path) -> ServerFactory:
-    """``async with start_server(max_queue=2) as server:`` a ready server on 127.0.0.1."""
+    """``async with start_server(max_queue=2) as server:`` a ready server on 127.0.0.1.
+
+    Its engine gets one torch thread unless a test says otherwise: the tests run their
+    clients (and the server's event loop) in the same process on a 2-core machine, and
+    torch's default of a thread per core beside them oversubscribes the CPU (a 0.1 s job
+    then takes seconds). The default thread count is measured in bench/bench_batching.py.
+    """
     from latentcast.server.app import Server
     from latentcast.server.config import ServerConfig
 
     @asynccontextmanager
     async def start(**overrides: Any) -> AsyncIterator[Server]:
-        options: dict[str, Any] = {"port": 0, "cache_dir": model_cache, "drain_timeout": 10.0}
+        options: dict[str, Any] = {
+            "port": 0,
+            "cache_dir": model_cache,
+            "drain_timeout": 10.0,
+            "cpu_threads": 1,
+        }
         options.update(overrides)
         async with Server(ServerConfig(**options)) as server:
             await server.wait_ready()
