@@ -234,8 +234,8 @@ class Server:
             self._stop_requested.set()
             return
         if model.device.type == "cpu":
-            # Always set, also to the default: a thread that never set its count ran
-            # steps many times slower in a benchmark (torch's per-thread OpenMP set-up).
+            # Set on the engine thread itself, also to the default: torch's thread count
+            # is per thread, and this is the one that runs the model.
             threads = config.cpu_threads or self._default_cpu_threads
             await self._thread.call(torch.set_num_threads, threads)
             logger.info("engine uses %d CPU threads", threads)
