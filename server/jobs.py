@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -119,8 +118,6 @@ class Job:
     stop_reason: StopReason | None = None
     #: How the job ended: "complete", "cancelled" or the error code; None while unfinished.
     outcome: str | None = None
-    #: Set from the event loop, read by the engine thread at each step boundary.
-    stop_requested: threading.Event = field(default_factory=threading.Event)
     _ended_callbacks: list[Callable[[Job], None]] = field(default_factory=list)
 
     @property
@@ -134,12 +131,16 @@ class Job:
     def __repr__(self) -> str:
         return f"<Job {self.session_id}/{self.id} {self.state.value}>"
 
+    @property
+    def stop_requested(self) -> bool:
+        """A stop was asked for, or the job ended: the engine drops it at its next step."""
+        return self.stop_reason is not None or self.state is JobState.ENDED
+
     def request_stop(self, reason: StopReason) -> bool:
         """Ask the job to stop; False when it already ended or a stop was already asked."""
         if self.state is JobState.ENDED or self.stop_reason is not None:
             return False
         self.stop_reason = reason
-        self.stop_requested.set()
         return True
 
     def on_end(self, callback: Callable[[Job], None]) -> None:
@@ -151,7 +152,6 @@ class Job:
             return False
         self.state = JobState.ENDED
         self.outcome = str(getattr(message, "code", None) or getattr(message, "type", "?"))
-        self.stop_requested.set()  # an engine still on it stops at the next step
         logger.info("session=%s job=%s ended: %s", self.session_id, self.id, self.outcome)
         self.owner.send(message)
         self.owner.job_ended(self)

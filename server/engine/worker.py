@@ -115,7 +115,7 @@ class EngineWorker:
                 self._dispatch(await self._thread.call(self._add_all, specs))
             if not self._running:
                 continue
-            aborts = [key for key, run in self._running.items() if run.job.stop_requested.is_set()]
+            aborts = [key for key, run in self._running.items() if run.job.stop_requested]
             if aborts:
                 # Its own hand-off: a stopped job hears at this boundary, not after the
                 # next step of the jobs that go on.

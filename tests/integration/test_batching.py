@@ -383,7 +383,7 @@ async def test_a_job_stopped_inside_a_batch_leaves_the_others_as_they_were(
                 await target.send(submit_message("r", {**REPLACEMENT, "replaces": TARGET}))
             else:
                 await target.close()
-            await wait_for(job.stop_requested.is_set)
+            await wait_for(lambda: job.stop_requested)
 
         survivors = {job_id: clients[job_id] for job_id in others}
         if stop == "replace":

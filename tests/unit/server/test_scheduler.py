@@ -511,7 +511,7 @@ async def test_stop_of_a_running_job_waits_for_the_engine(setup: Setup) -> None:
     assert await setup.scheduler.next_job() is a1
     setup.scheduler.stop(a1, StopReason.CLIENT)
     assert a1.unfinished
-    assert a1.stop_requested.is_set()
+    assert a1.stop_requested
     assert a1.stop_reason is StopReason.CLIENT
     assert setup.owners["A"].take() == []
     # The first reason stands.
@@ -552,7 +552,7 @@ async def test_replacing_a_running_job_stops_it_at_the_next_step(setup: Setup) -
     a2 = setup.submit("A", "a2", replacing=a1)
     assert a1.unfinished
     assert a1.stop_reason is StopReason.REPLACED
-    assert a1.stop_requested.is_set()
+    assert a1.stop_requested
     assert a2.position == 1  # b1 first: A has had a start, B has not
     assert setup.owners["A"].take() == []
     assert await setup.scheduler.next_job() is b1
