@@ -34,8 +34,10 @@ def start_server(model_cache: Path) -> ServerFactory:
 
     Its engine gets one torch thread unless a test says otherwise: the tests run their
     clients (and the server's event loop) in the same process on a 2-core machine, and
-    torch's default of a thread per core beside them oversubscribes the CPU (a 0.1 s job
-    then takes seconds). The default thread count is measured in bench/bench_batching.py.
+    fixtures and comparisons run torch on threads of their own. With more OpenMP threads
+    than cores libgomp stops spin-waiting, so torch's default of a thread per core can
+    make a 0.1 s job take seconds here. (A server process keeps torch to the engine
+    thread; the default thread count is measured in bench/bench_batching.py.)
     """
     from latentcast.server.app import Server
     from latentcast.server.config import ServerConfig

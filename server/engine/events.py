@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 from ..jobs import GenerationRequest
-from ..previews import latent_to_fp16_bytes
 
 
 @dataclass(frozen=True)
@@ -29,8 +28,11 @@ class JobSpec:
 class LatentSnapshot:
     """A copy of the first image's latent after a step, taken on the engine thread.
 
-    On CUDA the copy goes to pinned memory without blocking the engine; whoever reads
-    it first waits for that copy only (an event), never for later steps.
+    On a CPU the copy is a numpy array already, so the event loop's thread, which
+    reads it, runs no torch at all (see ``_load`` in :mod:`latentcast.server.app` for
+    why that matters). On CUDA the copy goes to pinned memory without blocking the
+    engine; whoever reads it first waits for that copy only (an event), never for
+    later steps.
     """
 
     def __init__(self, latents: torch.Tensor, rgb: np.ndarray | None = None) -> None:
@@ -39,27 +41,28 @@ class LatentSnapshot:
         self.rgb = rgb
         first = latents[0].detach()
         self.shape: tuple[int, int, int] = tuple(first.shape)  # type: ignore[assignment]
+        self._array: np.ndarray | None = None
+        self._pinned: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
         if first.is_cuda:
-            self._host = torch.empty(self.shape, dtype=torch.float16, pin_memory=True)
-            self._host.copy_(first, non_blocking=True)
+            self._pinned = torch.empty(self.shape, dtype=torch.float16, pin_memory=True)
+            self._pinned.copy_(first, non_blocking=True)
             self._ready = torch.cuda.Event()
             self._ready.record()
         else:
-            self._host = first.to(dtype=torch.float16, copy=True)
-
-    def _wait(self) -> torch.Tensor:
-        if self._ready is not None:
-            self._ready.synchronize()
-        return self._host
+            self._array = first.to(device="cpu", dtype=torch.float16, copy=True).numpy()
 
     def array(self) -> np.ndarray:
         """The latent as float16 [c, h, w] in host memory."""
-        return self._wait().numpy()
+        if self._array is None:
+            assert self._ready is not None and self._pinned is not None
+            self._ready.synchronize()
+            self._array = self._pinned.numpy()
+        return self._array
 
     def fp16_bytes(self) -> bytes:
         """The payload of a latent preview (PROTOCOL.md: little-endian float16, C order)."""
-        return latent_to_fp16_bytes(self._wait())
+        return self.array().astype("<f2", copy=False).tobytes(order="C")
 
 
 @dataclass(frozen=True)

@@ -88,13 +88,18 @@ class LoadedModel:
         built: DiffusionPipeline = pipeline
         return built
 
-    def scheduler_step_limit(self, name: str) -> int | None:
-        """Most ``num_inference_steps`` scheduler ``name`` accepts, if it has a limit.
+    def scheduler_step_limits(self) -> dict[str, int]:
+        """The most ``num_inference_steps`` each scheduler accepts, for those with a limit.
 
-        lcm distils ``original_inference_steps`` (50) and refuses more.
+        lcm distils ``original_inference_steps`` (50) and refuses more. Builds every
+        scheduler, which runs torch: call it on the engine thread.
         """
-        limit = self.make_scheduler(name).config.get("original_inference_steps")
-        return int(limit) if limit else None
+        limits = {}
+        for name in self.schedulers:
+            limit = self.make_scheduler(name).config.get("original_inference_steps")
+            if limit:
+                limits[name] = int(limit)
+        return limits
 
     def make_scheduler(self, name: str) -> SchedulerMixin:
         """Return a fresh scheduler instance of kind ``name`` for one job.

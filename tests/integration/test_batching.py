@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from latentcast.protocol import Accepted, Cancelled, Complete, GenerationParams, Progress, Started
@@ -550,3 +552,76 @@ async def test_max_batch_one_runs_one_job_at_a_time(start_server) -> None:
         assert rows_now - rows == 2 * (calls_now - calls), "every call held one job's rows"
         await first.close()
         await second.close()
+
+
+# ---------------------------------------------------------------------- 5. threads
+
+
+class TorchCalls:
+    """While installed: every torch function called on a thread other than the engine's.
+
+    One parallel torch op on another thread (the event loop's, the encoder's) gives that
+    thread an OpenMP pool of its own for as long as it lives, and with more OpenMP
+    threads than cores libgomp stops spin-waiting: every parallel op of the engine then
+    pays futex wake-ups (a 256x256 job 20-30% slower on 2 cores). The server keeps all
+    torch work on the engine thread; this watches the Python side of that promise.
+    """
+
+    def __init__(self) -> None:
+        self._calls: list[tuple[threading.Thread, str]] = []
+
+    @property
+    def calls(self) -> list[tuple[str, str]]:
+        """(thread, function) of the calls made on threads still alive: a thread that
+        has ended (like the pool transformers loads weights with) took its OpenMP pool
+        with it."""
+        return [(thread.name, name) for thread, name in self._calls if thread.is_alive()]
+
+    def __enter__(self) -> TorchCalls:
+        threading.setprofile(self._hook)  # threads started from now on
+        sys.setprofile(self._hook)  # this one: the event loop's
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        sys.setprofile(None)
+        threading.setprofile(None)  # type: ignore[arg-type]
+
+    def _hook(self, frame: Any, event: str, arg: Any) -> None:
+        thread = threading.current_thread()
+        if thread.name == "latentcast-engine":
+            sys.setprofile(None)  # where torch belongs: stop watching this thread
+        elif event == "c_call" and _is_torch(arg):
+            self._calls.append((thread, getattr(arg, "__qualname__", repr(arg))))
+
+
+def _is_torch(function: Any) -> bool:
+    owner = getattr(function, "__self__", None)
+    if isinstance(owner, torch.Tensor):
+        return True
+    module = getattr(function, "__module__", None)
+    if module is None and owner is not None:
+        module = getattr(owner if isinstance(owner, type) else type(owner), "__module__", None)
+    return isinstance(module, str) and (module == "torch" or module.startswith("torch."))
+
+
+async def test_no_thread_but_the_engines_runs_torch(model_cache: Path) -> None:
+    """From start to a finished job with latent and image previews, torch runs only on the
+    engine thread (the event loop's thread and the encoder pool never call it)."""
+    from latentcast.server.app import Server
+    from latentcast.server.config import ServerConfig
+
+    config = ServerConfig(port=0, cache_dir=model_cache, model="tiny", cpu_threads=1)
+    with TorchCalls() as watch:
+        async with Server(config) as server:
+            await server.wait_ready()
+            client = await open_client(server.ws_url)
+            for k, kind in enumerate(["latent", "image"]):
+                fields = {"steps": 3, "seed": k}
+                message = {**submit_message(f"j{k}", fields), "preview": {"kind": kind}}
+                await client.send(message)
+                messages = await client.job_messages(f"j{k}")
+                assert isinstance(messages[-1], Complete), messages[-1]
+                assert any(m.type == "preview" for m in messages), f"no {kind} preview"
+            await client.close()
+            calls = watch.calls
+    assert calls == [], f"torch called off the engine thread: {calls[:10]}"
