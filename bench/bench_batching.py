@@ -7,7 +7,8 @@ Usage::
 
 One in-process :class:`~latentcast.server.app.Server` on 127.0.0.1 (port 0) serves every
 section; the clients are real WebSocket connections in the same process and event loop
-(the client, helpers and percentiles are bench/bench_server.py's).
+(the client, helpers and percentiles are bench/bench_server.py's). (e) also starts
+``latentcast serve`` in a child process, as a user runs it.
 
 (a) concurrency  for N in 1, 2, 4, 8 (quick: 1, 4): N sessions each submit one 256x256
                  20-step guidance-7.5 job at once, against the same N jobs submitted one
@@ -16,7 +17,11 @@ section; the clients are real WebSocket connections in the same process and even
                  sequential, concurrent, ... Per N: throughput ratio (sequential wall /
                  concurrent wall, median over rounds), per-job latency p50/p99 (submit ->
                  complete) of both, and rows per UNet call (the server's /metrics histogram
-                 latentcast_unet_rows, sum/count before and after each phase).
+                 latentcast_unet_rows, sum/count before and after each phase). Also the
+                 mean engine step of both (latentcast_step_seconds) and the step-time
+                 ratio: seconds in steps, sequential over concurrent, which is what the
+                 ratio would be if nothing but steps took time. On a CPU that is set by
+                 how much cheaper a row gets in a bigger UNet call.
                  Goal: N=4 ratio >= 1.6.
 (b) canvas       8 sessions x 3 jobs (64x64, 4 steps, guidance 1.0), each session
                  submitting its 3 at once, against the same 24 jobs one after another;
@@ -35,11 +40,14 @@ section; the clients are real WebSocket connections in the same process and even
                  in steps of that job (its median time between progress messages, i.e. one
                  batched step). Goal: p50 <= one batched step.
 (e) overhead     one 256x256 20-step guidance-7.5 job with a latent preview every step
-                 through the server (submit -> complete) against the same job through the
-                 diffusers pipeline called directly in a subprocess of this script
-                 (``--direct-worker``: the same model and cache, torch's default thread
-                 count), interleaved after one warm-up of each.
-                 Goal: median(server) / median(direct) <= 1.05.
+                 through ``latentcast serve`` in a child process (submit -> complete, the
+                 client here) against the same job through the diffusers pipeline called
+                 directly in another child (``--direct-worker``: the same model and cache,
+                 torch's default thread count), interleaved after one warm-up of each; the
+                 in-process server's time for the job is printed beside them (its loop
+                 also runs this script's clients). Both children get --cpu-threads and
+                 --max-batch as given here (default: serve's own defaults).
+                 Goal: median(server process) / median(direct) <= 1.05.
 
 Readable lines go to stdout; the last line is one JSON object with every figure. Goals
 print MET, MISSED or n/a (not measurable with this server); nothing aborts on a goal.
@@ -58,8 +66,11 @@ import logging
 import os
 import platform
 import random
+import re
+import signal
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -101,6 +112,7 @@ GOAL_LOOP_LAG_P99_MS = 20.0
 GOAL_CANCEL_STEPS = 1.0
 
 SCHEDULER = "euler"
+STEP_SECONDS = "latentcast_step_seconds"
 SEED = 1234
 #: (a) and (e): a job the size of a real preview-quality request on this model.
 BIG_JOB: dict[str, Any] = {"width": 256, "height": 256, "steps": 20, "guidance_scale": 7.5}
@@ -171,6 +183,7 @@ class Phase:
     wall_s: float
     latencies_s: list[float]
     rows: tuple[float, float] | None  # change of latentcast_unet_rows (sum, count)
+    steps: tuple[float, float] | None  # change of latentcast_step_seconds (sum, count)
 
 
 @dataclass
@@ -190,17 +203,38 @@ class Comparison:
         total = sum(r[0] for r in readings), sum(r[1] for r in readings)
         return rows_per_call((0.0, 0.0), total)
 
+    @staticmethod
+    def step_seconds(phases: list[Phase]) -> tuple[float, float] | None:
+        """(seconds in engine steps, steps) over ``phases``; None without the metric."""
+        readings = [p.steps for p in phases if p.steps is not None]
+        if not readings or len(readings) < len(phases):
+            return None
+        return sum(r[0] for r in readings), sum(r[1] for r in readings)
+
+    @property
+    def step_time_ratio(self) -> float | None:
+        """Seconds in engine steps, sequential over concurrent: what the ratio would be if
+        nothing but steps took time (its ceiling, give or take the jobs' other work)."""
+        conc, seq = self.step_seconds(self.concurrent), self.step_seconds(self.sequential)
+        if conc is None or seq is None or conc[0] <= 0:
+            return None
+        return seq[0] / conc[0]
+
     def summary(self) -> dict[str, Any]:
         figures: dict[str, Any] = {"ratio": round(median(self.ratios), 4)}
         figures["ratios"] = rounded(self.ratios)
+        step_ratio = self.step_time_ratio
+        figures["step_time_ratio"] = None if step_ratio is None else round(step_ratio, 4)
         for name, phases in (("concurrent", self.concurrent), ("sequential", self.sequential)):
             latencies = [x for p in phases for x in p.latencies_s]
             rows = self.rows(phases)
+            steps = self.step_seconds(phases)
             figures[name] = {
                 "wall_s": rounded([p.wall_s for p in phases]),
                 "latency_p50_s": round(percentile(latencies, 50), 4),
                 "latency_p99_s": round(percentile(latencies, 99), 4),
                 "rows_per_unet_call": None if rows is None else round(rows, 3),
+                "step_ms": round(1000 * steps[0] / steps[1], 2) if steps and steps[1] else None,
             }
         return figures
 
@@ -232,6 +266,10 @@ class BatchBench:
 
     async def unet_rows(self) -> tuple[float, float] | None:
         """(sum, count) of latentcast_unet_rows from GET /metrics; None when it is absent."""
+        return await self.histogram("latentcast_unet_rows")
+
+    async def histogram(self, name: str) -> tuple[float, float] | None:
+        """(sum, count) of histogram ``name`` from GET /metrics; None when it is absent."""
 
         def fetch() -> str:
             with urllib.request.urlopen(f"{self.server.http_url}/metrics", timeout=WAIT) as r:
@@ -239,7 +277,7 @@ class BatchBench:
 
         text = await asyncio.to_thread(fetch)
         for family in text_string_to_metric_families(text):
-            if family.name == "latentcast_unet_rows":
+            if family.name == name:
                 sums = [s.value for s in family.samples if s.name.endswith("_sum")]
                 counts = [s.value for s in family.samples if s.name.endswith("_count")]
                 return sum(sums), sum(counts)
@@ -260,6 +298,7 @@ class BatchBench:
         self, clients: list[BenchClient], each: int, params: dict[str, Any], concurrent: bool
     ) -> Phase:
         before = await self.unet_rows()
+        steps_before = await self.histogram(STEP_SECONDS)
         tag = "c" if concurrent else "s"
         if concurrent:
             traces = await asyncio.gather(
@@ -279,13 +318,19 @@ class BatchBench:
                         await self.completed(client, await self.submit(client, tag, params))
                     )
         after = await self.unet_rows()
+        steps_after = await self.histogram(STEP_SECONDS)
         wall = max(j.terminal_at for j in jobs) - min(j.submitted_at for j in jobs)
         delta = (
             None
             if before is None or after is None
             else (after[0] - before[0], after[1] - before[1])
         )
-        return Phase(wall, [j.terminal_at - j.submitted_at for j in jobs], delta)
+        steps = (
+            None
+            if steps_before is None or steps_after is None
+            else (steps_after[0] - steps_before[0], steps_after[1] - steps_before[1])
+        )
+        return Phase(wall, [j.terminal_at - j.submitted_at for j in jobs], delta, steps)
 
     async def compare(
         self, clients: list[BenchClient], each: int, params: dict[str, Any], rounds: int
@@ -316,6 +361,11 @@ class BatchBench:
             f"{conc['latency_p50_s']:.2f} s p99 {conc['latency_p99_s']:.2f} s, sequential p50 "
             f"{seq['latency_p50_s']:.2f} s p99 {seq['latency_p99_s']:.2f} s   rows/UNet call "
             f"{fmt(conc['rows_per_unet_call'])} (sequential {fmt(seq['rows_per_unet_call'])})"
+        )
+        out(
+            f"{' ' * len(name)}  engine step {fmt(conc['step_ms'], '.1f')} ms concurrent, "
+            f"{fmt(seq['step_ms'], '.1f')} ms sequential: step-time ratio "
+            f"{fmt(figures['step_time_ratio'])} (the ratio if only steps took time)"
         )
         return figures
 
@@ -589,51 +639,66 @@ class BatchBench:
 
     # ---------------------------------------------------------------- (e) overhead
 
-    async def overhead(self, pairs: int, worker_args: list[str]) -> None:
-        out("== (e) overhead: server vs the pipeline called directly in another process ==")
+    async def overhead(self, pairs: int, worker_args: list[str], serve_args: list[str]) -> None:
+        out("== (e) overhead: a server process vs the pipeline called directly in another ==")
         preview = PreviewRequest(kind="latent", every=1)
         params = {**BIG_JOB, "seed": SEED, "negative_prompt": ""}
-        server_threads = await self.server.engine_thread.call(torch.get_num_threads)
+        served_in_process = await self.server.engine_thread.call(torch.get_num_threads)
         worker = await DirectWorker.start(worker_args)
-        client = await BenchClient.open(self.url)
-
-        async def served() -> tuple[float, JobTrace]:
-            job = await client.submit(
-                f"e-{self.next_seed()}", preview=preview, scheduler=SCHEDULER, **params
-            )
-            await self.completed(client, job)
-            return job.terminal_at - job.submitted_at, job
-
+        child = await ServeProcess.start(serve_args)
+        clients: list[BenchClient] = []
         try:
-            warm_s, warm_job = await served()
+            process_client = await BenchClient.open(child.url)
+            local_client = await BenchClient.open(self.url)
+            clients += [process_client, local_client]
+
+            async def served(client: BenchClient) -> tuple[float, JobTrace]:
+                job = await client.submit(
+                    f"e-{self.next_seed()}", preview=preview, scheduler=SCHEDULER, **params
+                )
+                await self.completed(client, job)
+                return job.terminal_at - job.submitted_at, job
+
+            warm_s, warm_job = await served(process_client)
+            warm_local_s, _ = await served(local_client)
             served_image = Image.open(io.BytesIO(warm_job.terminal.images[0].data))
             same = image_digest(served_image) == worker.ready["digest"]
             out(
-                f"warm-up      server {warm_s:7.3f} s   direct {worker.ready['warmup_s']:7.3f} s"
-                f"   same image from both paths: {'yes' if same else 'no'}"
+                f"warm-up      server process {warm_s:6.3f} s   direct "
+                f"{worker.ready['warmup_s']:6.3f} s   in-process server {warm_local_s:6.3f} s"
+                f"   same image from the server and the pipeline: {'yes' if same else 'no'}"
             )
             out(
-                f"torch threads: server engine thread {server_threads}, direct worker "
-                f"{worker.ready['threads']} (torch's default there)"
+                f"torch threads: direct worker {worker.ready['threads']} (torch's default "
+                f"there), server process {child.engine_threads or '?'} (its log), in-process "
+                f"server {served_in_process}"
             )
             server_s: list[float] = []
             direct_s: list[float] = []
+            local_s: list[float] = []
             for i in range(pairs):
-                s, job = await served()
+                s, job = await served(process_client)
                 d = (await worker.run())["s"]
+                local, _ = await served(local_client)
                 server_s.append(s)
                 direct_s.append(d)
+                local_s.append(local)
                 out(
-                    f"pair {i + 1}/{pairs}   server {s:7.3f} s   direct {d:7.3f} s   ratio "
-                    f"{s / d:5.3f}   (server: {len(job.progress)} progress, "
-                    f"{job.previews} previews)"
+                    f"pair {i + 1}/{pairs}   server process {s:6.3f} s   direct {d:6.3f} s   "
+                    f"ratio {s / d:5.3f}   (in-process server {local:6.3f} s; {len(job.progress)} "
+                    f"progress, {job.previews} previews)"
                 )
         finally:
-            await client.close()
+            await self.close_clients(clients)
+            await child.stop()
             await worker.stop()
         ratio = median(server_s) / median(direct_s)
         ok = ratio <= GOAL_OVERHEAD_RATIO
-        out(f"median server {median(server_s):.3f} s, median direct {median(direct_s):.3f} s")
+        out(
+            f"median server process {median(server_s):.3f} s, median direct "
+            f"{median(direct_s):.3f} s (in-process server {median(local_s):.3f} s, "
+            f"{median(local_s) / median(direct_s):.3f}x)"
+        )
         out(
             f"ratio median(server)/median(direct) = {ratio:.3f}   goal <= {GOAL_OVERHEAD_RATIO}: "
             f"{verdict(ok)}"
@@ -642,14 +707,18 @@ class BatchBench:
         self.summary["e"] = {
             "job": {**BIG_JOB, "preview": "latent every 1"},
             "pairs": pairs,
-            "server_threads": server_threads,
+            "server_threads": child.engine_threads,
             "direct_threads": worker.ready["threads"],
+            "in_process_threads": served_in_process,
             "server_s": rounded(server_s),
             "direct_s": rounded(direct_s),
+            "in_process_s": rounded(local_s),
             "median_server_s": round(median(server_s), 4),
             "median_direct_s": round(median(direct_s), 4),
+            "median_in_process_s": round(median(local_s), 4),
             "same_image": same,
             "ratio": round(ratio, 4),
+            "in_process_ratio": round(median(local_s) / median(direct_s), 4),
             "goal_ratio": GOAL_OVERHEAD_RATIO,
             "goal_met": ok,
         }
@@ -816,6 +885,78 @@ class DirectWorker:
             await self.process.wait()
 
 
+@dataclass
+class ServeProcess:
+    """``latentcast serve --port 0`` in a child process, as a user runs it: listening, ready."""
+
+    process: asyncio.subprocess.Process
+    url: str = ""
+    engine_threads: int | None = None
+    _reader: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(cls, serve_args: list[str]) -> ServeProcess:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "latentcast.server.cli",
+            "serve",
+            "--port",
+            "0",
+            *serve_args,
+            stderr=asyncio.subprocess.PIPE,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        child = cls(process)
+        listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        async def read_log() -> None:
+            assert process.stderr is not None
+            while line := (await process.stderr.readline()).decode():
+                if match := re.search(r"listening on (ws://\S+)", line):
+                    if not listening.done():
+                        listening.set_result(match.group(1))
+                if match := re.search(r"engine uses (\d+) CPU threads", line):
+                    child.engine_threads = int(match.group(1))
+            if not listening.done():
+                listening.set_exception(RuntimeError("latentcast serve ended before listening"))
+
+        child._reader = asyncio.create_task(read_log())
+        try:
+            async with asyncio.timeout(LOAD_TIMEOUT):
+                child.url = await listening
+                http_url = child.url.replace("ws://", "http://").removesuffix("/v1/ws")
+                while await asyncio.to_thread(http_status, f"{http_url}/ready") != 200:
+                    if process.returncode is not None:
+                        raise RuntimeError("latentcast serve ended while loading")
+                    await asyncio.sleep(0.1)
+        except BaseException:
+            await child.stop()
+            raise
+        return child
+
+    async def stop(self) -> None:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(30):
+                    await self.process.wait()
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+        if self._reader is not None:
+            await self._reader
+
+
+def http_status(url: str) -> int:
+    """The status of GET ``url`` (an HTTP error's too)."""
+    try:
+        with urllib.request.urlopen(url, timeout=WAIT) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -923,13 +1064,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "--cache-dir",
             str(cache_dir),
         ]
+        serve_args = [*worker_args, "--log-level", "info"]
+        if args.cpu_threads is not None:
+            serve_args += ["--cpu-threads", str(args.cpu_threads)]
+        if args.max_batch is not None:
+            serve_args += ["--max-batch", str(args.max_batch)]
         counts = args.n or ([1, 4] if quick else [1, 2, 4, 8])
         steps: dict[str, Callable[[], Awaitable[None]]] = {
             "a": lambda: bench.concurrency(counts, rounds),
             "b": lambda: bench.canvas(rounds),
             "c": lambda: bench.fan_out(rounds),
             "d": lambda: bench.cancel_in_batch(args.repeats or (3 if quick else 8)),
-            "e": lambda: bench.overhead(args.pairs or (2 if quick else 5), worker_args),
+            "e": lambda: bench.overhead(args.pairs or (2 if quick else 5), worker_args, serve_args),
         }
         for section in sections:
             started = time.perf_counter()
