@@ -45,8 +45,8 @@ section; the clients are real WebSocket connections in the same process and even
                  directly in another child (``--direct-worker``: the same model and cache,
                  torch's default thread count), interleaved after one warm-up of each; the
                  in-process server's time for the job is printed beside them (its loop
-                 also runs this script's clients). Both children get --cpu-threads and
-                 --max-batch as given here (default: serve's own defaults).
+                 also runs this script's clients). The server child gets --cpu-threads
+                 and --max-batch as given here (default: serve's own defaults).
                  Goal: median(server process) / median(direct) <= 1.05.
 
 Readable lines go to stdout; the last line is one JSON object with every figure. Goals
