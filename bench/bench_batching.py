@@ -992,7 +992,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="(a) session counts, repeatable (1 2 4 8; quick 1 4)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="(d) cancels (8; quick 3)")
-    parser.add_argument("--pairs", type=int, default=None, help="(e) pairs (5; quick 2)")
+    parser.add_argument("--pairs", type=int, default=None, help="(e) pairs (9; quick 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random cancel choices")
     parser.add_argument("--direct-worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -1075,7 +1075,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "b": lambda: bench.canvas(rounds),
             "c": lambda: bench.fan_out(rounds),
             "d": lambda: bench.cancel_in_batch(args.repeats or (3 if quick else 8)),
-            "e": lambda: bench.overhead(args.pairs or (2 if quick else 5), worker_args, serve_args),
+            "e": lambda: bench.overhead(args.pairs or (3 if quick else 9), worker_args, serve_args),
         }
         for section in sections:
             started = time.perf_counter()
