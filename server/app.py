@@ -26,7 +26,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import NoReturn, Self
@@ -48,7 +47,7 @@ from latentcast.protocol import (
 
 from . import __version__
 from .config import ServerConfig
-from .engine import EngineCore, EngineThread, EngineWorker, default_max_batch
+from .engine import EngineThread, EngineWorker, LocalEngine, ModelFacts, default_max_batch
 from .metrics import Metrics
 from .models import LoadedModel, load_model
 from .scheduler import Scheduler
@@ -238,20 +237,18 @@ class Server:
             threads = config.cpu_threads or await self._thread.call(torch.get_num_threads)
             await self._thread.call(torch.set_num_threads, threads)
             logger.info("engine uses %d CPU threads", threads)
-        # Building schedulers runs torch: on the engine thread, like all torch work. One
-        # parallel torch op on this (the loop's) thread would give it an OpenMP thread pool
-        # of its own for good, and with more OpenMP threads than cores libgomp stops
-        # spin-waiting: every parallel op of the engine would then pay futex wake-ups
-        # (measured: the (e) job 2.1-2.8 s instead of 1.6-1.8 s on 2 cores).
-        step_limits = await self._thread.call(model.scheduler_step_limits)
-        self.model = model
+        # The core and the model's facts are made on the engine thread, like all torch
+        # work (the facts build every scheduler). One parallel torch op on this (the
+        # loop's) thread would give it an OpenMP thread pool of its own for good, and with
+        # more OpenMP threads than cores libgomp stops spin-waiting: every parallel op of
+        # the engine would then pay futex wake-ups (measured: the (e) job 2.1-2.8 s instead
+        # of 1.6-1.8 s on 2 cores).
         max_batch = config.max_batch or default_max_batch(model.device.type)
-        self._context = self._session_context(
-            model, batching=max_batch > 1, step_limits=step_limits
-        )
-        core = EngineCore(model, max_batch=max_batch)
+        engine = await LocalEngine.start(self._thread, model, max_batch)
+        self.model = model
+        self._context = self._session_context(engine.facts, batching=max_batch > 1)
         logger.info("engine batches up to %d UNet rows per step", max_batch)
-        worker = EngineWorker(core, self._thread, self.scheduler, self._encoder, self.metrics)
+        worker = EngineWorker(engine, self.scheduler, self._encoder, self.metrics)
         engine_loop = asyncio.create_task(worker.run(), name="engine-loop")
         engine_loop.add_done_callback(self._engine_loop_ended)
         self._tasks.append(engine_loop)
@@ -289,14 +286,12 @@ class Server:
             job.end(Error(id=job.id, code=ErrorCode.INTERNAL, message=message))
         self.request_stop()
 
-    def _session_context(
-        self, model: LoadedModel, *, batching: bool, step_limits: Mapping[str, int]
-    ) -> SessionContext:
+    def _session_context(self, model: ModelFacts, *, batching: bool) -> SessionContext:
         config = self.config
-        latent_rgb = model.family.latent_rgb
+        latent_rgb = model.latent_rgb
         info = ModelInfo(
             name=model.name,
-            family=model.family.name,
+            family=model.family,
             modes=list(model.modes),
             schedulers=list(model.schedulers),
             loras=list(model.loras),
@@ -324,8 +319,8 @@ class Server:
             scheduler=self.scheduler,
             metrics=self.metrics,
             is_draining=lambda: not self._accepting(),
-            image_previews=latent_rgb is not None or model.preview_decoder is not None,
-            scheduler_step_limits=step_limits,
+            image_previews=model.image_previews,
+            scheduler_step_limits=model.step_limits,
             features=("batching",) if batching else (),
         )
 

@@ -5,11 +5,14 @@
 * :mod:`.prepare`, :mod:`.denoise`, :mod:`.decode` — its phases; :mod:`.prompts` — the
   prompt-embedding cache; :mod:`.batching` — which jobs share a UNet call, admission.
 * :mod:`.thread` — :class:`EngineThread`, the one thread that touches the model.
+* :mod:`.facts` — :class:`ModelFacts`, the model as the front end sees it (plain data).
+* :mod:`.handle` — :class:`EngineHandle`, the front end's handle on one engine core;
+  :mod:`.local` — :class:`LocalEngine`, the core on this process's engine thread.
 * :mod:`.worker` — :class:`EngineWorker`, the engine loop on the event loop.
 """
 
 from .batching import BatchPolicy, GroupKey, default_max_batch
-from .core import EngineCore, group_key
+from .core import EngineCore
 from .events import (
     EngineEvent,
     JobFailed,
@@ -21,6 +24,9 @@ from .events import (
     LatentSnapshot,
     StepReport,
 )
+from .facts import ModelFacts, group_key
+from .handle import EngineHandle
+from .local import LocalEngine
 from .prepare import PreparedJob, diffusers_arguments, prepare
 from .prompts import PROMPT_CACHE_SIZE, PromptCache, PromptKey, uses_guidance
 from .thread import EngineThread
@@ -31,6 +37,7 @@ __all__ = [
     "BatchPolicy",
     "EngineCore",
     "EngineEvent",
+    "EngineHandle",
     "EngineThread",
     "EngineWorker",
     "GroupKey",
@@ -41,6 +48,8 @@ __all__ = [
     "JobStepped",
     "JobStopped",
     "LatentSnapshot",
+    "LocalEngine",
+    "ModelFacts",
     "PreparedJob",
     "PromptCache",
     "PromptKey",

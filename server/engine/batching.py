@@ -40,6 +40,13 @@ def default_max_batch(device_type: str) -> int:
     return DEFAULT_MAX_BATCH.get(device_type, FALLBACK_MAX_BATCH)
 
 
+def guided(guidance_scale: float, *, embedded: bool) -> bool:
+    """The pipelines' ``do_classifier_free_guidance`` rule: a scale above 1, unless the
+    UNet takes the scale as an input (``embedded``, LCM-distilled) and needs no
+    unconditional row."""
+    return guidance_scale > 1 and not embedded
+
+
 @dataclass(frozen=True)
 class GroupKey:
     """What jobs must share to share a UNet call."""

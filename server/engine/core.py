@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Hashable, Sequence
-from typing import Any
 
 import torch
 
@@ -40,21 +39,11 @@ from .events import (
     LatentSnapshot,
     StepReport,
 )
+from .facts import group_key
 from .prepare import PreparedJob, prepare
 from .prompts import PROMPT_CACHE_SIZE, PromptCache
 
 logger = logging.getLogger("latentcast.engine")
-
-
-def group_key(model: LoadedModel, spec_or_request: Any) -> GroupKey:
-    """The :class:`GroupKey` of a request (safe on any thread: reads fixed facts only)."""
-    request = getattr(spec_or_request, "request", spec_or_request)
-    scale = model.vae_scale_factor
-    return GroupKey(
-        latent_height=request.height // scale,
-        latent_width=request.width // scale,
-        loras=tuple((str(name), float(value)) for name, value in request.loras),
-    )
 
 
 class EngineCore:

@@ -10,6 +10,7 @@ import torch
 
 from ..jobs import GenerationRequest
 from ..models import LoadedModel
+from .batching import guided
 
 #: Prompt encodings kept by :class:`PromptCache`. A canvas session resubmits the same
 #: prompt many times a second, and a handful of sessions rarely juggle more than a few
@@ -84,7 +85,7 @@ class PromptCache:
 
 def uses_guidance(pipeline: Any, guidance_scale: float) -> bool:
     """The pipelines' ``do_classifier_free_guidance`` rule for ``guidance_scale``."""
-    return guidance_scale > 1 and pipeline.unet.config.time_cond_proj_dim is None
+    return guided(guidance_scale, embedded=pipeline.unet.config.time_cond_proj_dim is not None)
 
 
 def _encode_prompt(pipeline: Any, key: PromptKey) -> dict[str, torch.Tensor | None]:

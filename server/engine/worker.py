@@ -1,9 +1,10 @@
-"""The bridge between the event loop and the engine core (vLLM's async front end).
+"""The bridge between the event loop and an engine core (vLLM's async front end).
 
-:class:`EngineWorker` is the engine loop, on the event loop: at every step boundary it
-admits waiting jobs in fairness order while they fit (:mod:`.batching`), hands aborts to
-the core, runs one :meth:`EngineCore.step` on the :class:`EngineThread` and dispatches
-that step's events: one hand-off per step, whatever the batch holds. Each event becomes
+:class:`EngineWorker` is the engine loop of one engine, on the event loop: at every step
+boundary it admits waiting jobs in fairness order while they fit (:mod:`.batching`),
+hands aborts to the engine, runs one step there (:class:`~.handle.EngineHandle`: on the
+engine thread, or in a Ray actor) and dispatches that step's events: one call per step,
+whatever the batch holds. Each event becomes
 messages for the job's session (progress and previews latest-wins, built only when the
 session is about to send them); a job's terminal message goes through :meth:`Job.end`.
 Finished images are encoded in the encoder pool, beside the next steps.
@@ -43,7 +44,6 @@ from ..models import LatentRGB
 from ..previews import encode_image, encode_preview, rgb_preview
 from ..scheduler import Scheduler, stopped_message
 from .batching import GroupKey
-from .core import EngineCore, group_key
 from .events import (
     EngineEvent,
     JobFailed,
@@ -54,8 +54,7 @@ from .events import (
     JobStopped,
     LatentSnapshot,
 )
-from .prepare import job_rows
-from .thread import EngineThread
+from .handle import EngineHandle
 
 logger = logging.getLogger("latentcast.engine")
 
@@ -90,18 +89,16 @@ class EngineWorker:
 
     def __init__(
         self,
-        core: EngineCore,
-        thread: EngineThread,
+        engine: EngineHandle,
         scheduler: Scheduler,
         encoder: Executor,
         metrics: Metrics,
     ) -> None:
-        self._core = core
-        self._thread = thread
+        self._engine = engine
         self._scheduler = scheduler
         self._encoder = encoder
         self._metrics = metrics
-        self._latent_rgb: LatentRGB | None = core.model.family.latent_rgb
+        self._latent_rgb: LatentRGB | None = engine.facts.latent_rgb
         self._keys = itertools.count()
         self._running: dict[int, _Running] = {}
         self._finishing: set[asyncio.Task[None]] = set()
@@ -112,17 +109,17 @@ class EngineWorker:
                 await self._scheduler.wait_for_waiting()
             specs = self._admit()
             if specs:
-                self._dispatch(await self._thread.call(self._add_all, specs))
+                self._dispatch(await self._engine.add(specs))
             if not self._running:
                 continue
             aborts = [key for key, run in self._running.items() if run.job.stop_requested]
             if aborts:
                 # Its own hand-off: a stopped job hears at this boundary, not after the
                 # next step of the jobs that go on.
-                self._dispatch(await self._thread.call(self._core.abort_all, aborts))
+                self._dispatch(await self._engine.abort(aborts))
                 if not self._running:
                     continue
-            report = await self._thread.call(self._core.step)
+            report = await self._engine.step()
             if report.unet_rows:
                 self._metrics.step_seconds.observe(report.seconds)
                 for rows in report.unet_rows:
@@ -133,14 +130,14 @@ class EngineWorker:
 
     def _admit(self) -> list[JobSpec]:
         """Take waiting jobs, in fairness order, while the batch policy lets them join."""
-        model = self._core.model
-        policy = self._core.policy
+        facts = self._engine.facts
+        policy = self._engine.policy
         groups: Counter[GroupKey] = Counter()
         for run in self._running.values():
             groups[run.group] += run.rows
         specs = []
         while (job := self._scheduler.peek_next()) is not None:
-            group, rows = group_key(model, job.request), job_rows(model, job.request)
+            group, rows = facts.group_key(job.request), facts.job_rows(job.request)
             if not policy.admits(groups, group, rows):
                 break
             self._scheduler.start_next()
@@ -157,13 +154,6 @@ class EngineWorker:
             specs.append(JobSpec(key, job.request))
         self._metrics.jobs_running.set(len(self._running))
         return specs
-
-    def _add_all(self, specs: list[JobSpec]) -> list[EngineEvent]:
-        """On the engine thread: phase 1 of each admitted job."""
-        events: list[EngineEvent] = []
-        for spec in specs:
-            events += self._core.add(spec)
-        return events
 
     # ------------------------------------------------------------------ events
 
