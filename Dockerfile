@@ -13,6 +13,13 @@
 #                so a CPU image never pulls the multi-GB CUDA build and a GPU image never
 #                ends up with a CPU-only torch.
 # TORCH_VERSION is the version the Makefile installs; keep the two in step.
+#
+# The image has Ray (latentcast[ray] with ray[default]), so one image plays every role of
+# engines on Ray (docs/deploy.md, "Several GPUs and machines"):
+#   front end:  the entry point, with --ray-address ray://HEAD:10001 --engines N
+#   Ray node:   docker run --entrypoint ray ... start --head --port=6379 --block
+#               docker run --entrypoint ray ... start --address=HEAD:6379 --block
+#               (KubeRay replaces the entry point itself: deploy/kuberay/)
 
 ARG BASE_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 
@@ -43,14 +50,19 @@ RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH_INDEX}" \
 
 # Then latentcast and the rest of its dependencies from PyPI; the torch installed above
 # satisfies latentcast's own torch requirement and is kept (the constraint makes sure).
+# The ray extra runs engines in Ray actors. ray[default] adds what the minimal ray lacks
+# for a cluster: grpcio for Ray Client (ray:// addresses; `ray start --head` only listens
+# on 10001 with it) and the dashboard and its agent (the health endpoints KubeRay probes).
+# pip picks one ray for both, within the extra's range.
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY protocol ./protocol
 COPY server ./server
 COPY clients/python ./clients/python
 RUN echo "torch==${TORCH_VERSION}" > /tmp/constraints.txt \
-    && pip install --constraint /tmp/constraints.txt /src \
-    && latentcast --version
+    && pip install --constraint /tmp/constraints.txt "/src[ray]" "ray[default]" \
+    && latentcast --version \
+    && ray --version
 
 # --------------------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE} AS runtime
@@ -86,6 +98,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     LATENTCAST_CACHE_DIR=/cache \
     LATENTCAST_DRAIN_TIMEOUT=30
 
+# Ray reports anonymous usage statistics by default from clusters that `ray start` starts;
+# this image turns that off (RAY_USAGE_STATS_ENABLED=1 turns it back on).
+ENV RAY_USAGE_STATS_ENABLED=0
+
 # /cache: the built-in tiny model (LATENTCAST_CACHE_DIR) and the Hugging Face cache (HF_HOME).
 # /models: mount your own models here and serve one with --model /models/NAME.
 VOLUME ["/cache", "/models"]
@@ -97,6 +113,7 @@ EXPOSE 8765
 
 # Healthy once the model is loaded (GET /ready answers 200); unhealthy again while draining.
 # Loading a real model can take minutes: failures during --start-period do not count.
+# A container run as a Ray node serves no /ready: run it with --no-healthcheck.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python", "-c", "import os, sys, urllib.request\nport = os.environ.get('LATENTCAST_PORT', '8765')\ntry:\n    urllib.request.urlopen(f'http://127.0.0.1:{port}/ready', timeout=4)\nexcept Exception as exc:\n    sys.exit(f'not ready: {exc}')"]
 
