@@ -28,7 +28,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import NoReturn, Self
+from typing import TYPE_CHECKING, NoReturn, Self
 
 import torch
 from websockets.asyncio.server import Server as WebSocketServer
@@ -47,12 +47,22 @@ from latentcast.protocol import (
 
 from . import __version__
 from .config import ServerConfig
-from .engine import EngineThread, EngineWorker, LocalEngine, ModelFacts, default_max_batch
+from .engine import (
+    EngineHandle,
+    EngineThread,
+    EngineWorker,
+    LocalEngine,
+    ModelFacts,
+    default_max_batch,
+)
 from .metrics import Metrics
 from .models import LoadedModel, load_model
 from .scheduler import Scheduler
 from .session import Session, SessionContext
 from .transport import WS_PATH, HttpFront, ServerStatus
+
+if TYPE_CHECKING:
+    from .engine.ray_engine import RayRuntime
 
 logger = logging.getLogger("latentcast.server")
 
@@ -113,6 +123,10 @@ class Server:
         self._load_error: BaseException | None = None
         #: Why the engine loop died, if it did: fatal for the whole server.
         self._engine_error: BaseException | None = None
+        #: One per engine: the embedded one, or each Ray actor.
+        self._workers: list[EngineWorker] = []
+        #: The Ray runtime the engines live on, when they are Ray actors.
+        self._ray: RayRuntime | None = None
         #: time.monotonic() of the first and the latest request_stop() (signals).
         self._first_stop_at: float | None = None
         self._last_stop_at: float | None = None
@@ -133,8 +147,11 @@ class Server:
         )
         if self._engine_error is not None:
             reason = "draining"  # the server is on its way out
+        ready = self._accepting()
+        if ready and not any(worker.alive for worker in self._workers):
+            ready, reason = False, "no engines"
         return ServerStatus(
-            ready=self._accepting(),
+            ready=ready,
             reason=reason,
             at_connection_limit=len(self.sessions) >= self.config.max_connections,
         )
@@ -210,24 +227,24 @@ class Server:
             )
 
     async def _load(self) -> None:
+        if self.config.ray_engines:
+            await self._start_ray_engines()
+        else:
+            await self._start_local_engine()
+
+    def _load_failed(self, exc: BaseException) -> None:
+        self._load_error = exc
+        self._stop_requested.set()
+
+    async def _start_local_engine(self) -> None:
         config = self.config
         logger.info("loading model %r on device %r", config.model, config.device)
         started = time.monotonic()
         try:
-            model = await self._thread.call(
-                load_model,
-                config.model,
-                device=config.device,
-                dtype=config.dtype,
-                cache_dir=config.cache_dir,
-                model_config=config.checkpoint_config,
-                loras=config.lora_paths(),
-                preview_decoder=config.preview_decoder,
-            )
+            model = await self._thread.call(load_model, config.model, **config.model_arguments())
         except Exception as exc:  # noqa: BLE001 - reported, and the server stops
             logger.error("could not load model %r: %s", config.model, exc)
-            self._load_error = exc
-            self._stop_requested.set()
+            self._load_failed(exc)
             return
         if model.device.type == "cpu":
             # Set on the engine thread itself, also to the default: torch's thread count
@@ -246,12 +263,6 @@ class Server:
         max_batch = config.max_batch or default_max_batch(model.device.type)
         engine = await LocalEngine.start(self._thread, model, max_batch)
         self.model = model
-        self._context = self._session_context(engine.facts, batching=max_batch > 1)
-        logger.info("engine batches up to %d UNet rows per step", max_batch)
-        worker = EngineWorker(engine, self.scheduler, self._encoder, self.metrics)
-        engine_loop = asyncio.create_task(worker.run(), name="engine-loop")
-        engine_loop.add_done_callback(self._engine_loop_ended)
-        self._tasks.append(engine_loop)
         logger.info(
             "model %r loaded in %.1f s (family %s, %s, %s)",
             model.name,
@@ -260,6 +271,63 @@ class Server:
             model.device,
             str(model.dtype).removeprefix("torch."),
         )
+        self._serve_engine(engine)
+
+    async def _start_ray_engines(self) -> None:
+        """Join or start Ray, then start the engine actors; serve each as it is ready.
+
+        The first engine ready makes the server ready; one that cannot load its model is
+        logged and left out, and only when none can is that a failed load.
+        """
+        config = self.config
+        try:
+            from .engine.ray_engine import RayEngine, RayRuntime
+        except ImportError as exc:
+            message = f"--engines needs Ray: pip install 'latentcast[ray]' ({exc})"
+            logger.error("%s", message)
+            self._load_failed(RuntimeError(message))
+            return
+        runtime = RayRuntime(config)
+        try:
+            await asyncio.to_thread(runtime.start)
+        except Exception as exc:  # noqa: BLE001 - reported, and the server stops
+            where = config.ray_address or "a local Ray runtime"
+            logger.error("could not start or join %s: %s", where, exc)
+            self._load_failed(exc)
+            return
+        self._ray = runtime
+        gpus = runtime.gpus_per_engine()
+        count = config.ray_engines
+        logger.info(
+            "starting %d engines (model %r, %s GPU each)", count, config.model, gpus or "no"
+        )
+        starts = [RayEngine.start(f"ray-{index}", config, gpus=gpus) for index in range(count)]
+        errors: list[Exception] = []
+        for started in asyncio.as_completed(starts):
+            try:
+                engine = await started
+            except Exception as exc:  # noqa: BLE001 - one engine less; said in the log
+                logger.error("an engine could not start: %s", exc)
+                errors.append(exc)
+                continue
+            self._serve_engine(engine)
+        if len(errors) == count:
+            logger.error("could not load model %r on any engine", config.model)
+            self._load_failed(errors[0])
+
+    def _serve_engine(self, engine: EngineHandle) -> None:
+        """Start the engine loop of ``engine``; the first one makes the server ready."""
+        batching = engine.policy.max_batch > 1
+        if self._context is None:
+            self._context = self._session_context(engine.facts, batching=batching)
+        logger.info(
+            "engine %s batches up to %d UNet rows per step", engine.name, engine.policy.max_batch
+        )
+        worker = EngineWorker(engine, self.scheduler, self._encoder, self.metrics)
+        self._workers.append(worker)
+        engine_loop = asyncio.create_task(worker.run(), name=f"engine-loop-{engine.name}")
+        engine_loop.add_done_callback(self._engine_loop_ended)
+        self._tasks.append(engine_loop)
         if self.phase is Phase.LOADING:
             self._set_phase(Phase.READY)
             self._ready.set()
@@ -462,6 +530,9 @@ class Server:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._encoder.shutdown(wait=False, cancel_futures=True)
+        if self._ray is not None:
+            # Our actors end with the connection; a runtime started here ends with them.
+            await asyncio.to_thread(self._ray.stop)
         # A job stopped at the deadline leaves the engine at its next step boundary.
         self._thread.close()
         if await asyncio.to_thread(self._thread.join, max(0.0, engine_timeout)):

@@ -170,6 +170,21 @@ SERVE_OPTIONS = (
         metavar="N",
     ),
     _Option(
+        "--engines",
+        "engines",
+        "run N engine cores in Ray actors, one per GPU (or CPU slot), each loading the "
+        "model; needs the latentcast[ray] extra (default 0: one engine in this process)",
+        int,
+        metavar="N",
+    ),
+    _Option(
+        "--ray-address",
+        "ray_address",
+        "place the engines on this running Ray cluster (auto, ray://HOST:10001) instead of "
+        "starting a local Ray runtime",
+        metavar="ADDR",
+    ),
+    _Option(
         "--log-level",
         "log_level",
         "debug, info, warning or error (default info)",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -70,6 +70,13 @@ class ServerConfig(BaseModel):
     #: torch threads for the engine on a CPU device; None: torch's own default (a
     #: thread per physical core), the speed of the pipeline called directly.
     cpu_threads: int | None = Field(default=None, ge=1)
+    #: Engine cores in Ray actors (one per GPU, one per CPU slot on a CPU device), each
+    #: loading the model in its own process; 0: the embedded engine in this process,
+    #: which needs no Ray. With ray_address and no count: one.
+    engines: int = Field(default=0, ge=0)
+    #: A running Ray cluster to place the engines on ("auto", "ray://HOST:10001", ...);
+    #: without it, engines start a local Ray runtime that the server stops at exit.
+    ray_address: str | None = None
     log_level: LogLevel = "info"
 
     @field_validator("tokens")
@@ -97,6 +104,23 @@ class ServerConfig(BaseModel):
     def lora_paths(self) -> dict[str, Path]:
         """The --lora options as {name: path}."""
         return {name: Path(path) for name, _, path in (lora.partition("=") for lora in self.loras)}
+
+    @property
+    def ray_engines(self) -> int:
+        """How many engines run in Ray actors; 0 for the embedded engine."""
+        return self.engines or (1 if self.ray_address is not None else 0)
+
+    def model_arguments(self) -> dict[str, Any]:
+        """Keyword arguments of ``load_model(self.model, ...)``: the same model wherever
+        an engine loads it (this process, a Ray actor)."""
+        return {
+            "device": self.device,
+            "dtype": self.dtype,
+            "cache_dir": self.cache_dir,
+            "model_config": self.checkpoint_config,
+            "loras": self.lora_paths(),
+            "preview_decoder": self.preview_decoder,
+        }
 
     @field_validator("allow_origins")
     @classmethod

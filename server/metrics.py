@@ -25,7 +25,32 @@ class Metrics:
             "latentcast_queue_depth", "Jobs waiting for the engine.", registry=self.registry
         )
         self.jobs_running = Gauge(
-            "latentcast_jobs_running", "Jobs on the engine now.", registry=self.registry
+            "latentcast_jobs_running", "Jobs on the engines now.", registry=self.registry
+        )
+        # Per engine ("local" for the embedded one, "ray-0", ... for Ray actors).
+        self.engine_alive = Gauge(
+            "latentcast_engine_alive",
+            "1 while the engine answers, 0 while it is lost (being restarted).",
+            ["engine"],
+            registry=self.registry,
+        )
+        self.engine_jobs_running = Gauge(
+            "latentcast_engine_jobs_running",
+            "Jobs running on the engine now.",
+            ["engine"],
+            registry=self.registry,
+        )
+        self.engine_steps = Counter(
+            "latentcast_engine_steps",
+            "Engine steps (one UNet call of a group); rate() is steps per second.",
+            ["engine"],
+            registry=self.registry,
+        )
+        self.engine_rows = Counter(
+            "latentcast_engine_unet_rows",
+            "UNet rows the engine ran; over latentcast_engine_steps, rows per step.",
+            ["engine"],
+            registry=self.registry,
         )
         self.jobs = Counter(
             "latentcast_jobs",

@@ -53,6 +53,9 @@ class _Lane(Generic[T]):
     items: deque[tuple[int, T]] = field(default_factory=deque)
     #: Tick of the last start of one of this session's items; None: never.
     last_start: int | None = None
+    #: The item of that start, and the lane's last_start before it (to undo it).
+    last_started: T | None = None
+    start_before: int | None = None
 
     def sort_key(self) -> tuple[int, int]:
         # Never-started sessions first (-1 sorts before every tick), then the oldest item.
@@ -122,9 +125,18 @@ class FairQueue(Generic[T]):
         if lane is None:
             return None
         _, item = lane.items.popleft()
+        lane.last_started, lane.start_before = item, lane.last_start
         lane.last_start = next(self._ticks)
         del self._where[item]
         return item
+
+    def unpop(self, item: T, session: Hashable, age: int) -> None:
+        """Undo the start of ``item``: it waits again with its ``age`` and, when it was its
+        session's latest start, the session's place in line is what it was before."""
+        lane = self._lanes.get(session)
+        if lane is not None and lane.last_started == item:
+            lane.last_start, lane.last_started = lane.start_before, None
+        self.push(item, session, age=age)
 
     def _next_lane(self) -> _Lane[T] | None:
         lanes = [lane for lane in self._lanes.values() if lane.items]
@@ -323,6 +335,24 @@ class Scheduler:
         self._metrics.queue_seconds.observe(job.started_at - job.accepted_at)
         self._publish(self._queue.order())
         return job
+
+    def requeue(self, job: Job) -> None:
+        """Put back a job that was started but never reached an engine (the engine was
+        lost before it prepared the job): it waits again in its own place (its age), and
+        starts on the next engine with room. A job stopped meanwhile ends instead.
+        """
+        if not job.unfinished:
+            return
+        if job.stop_requested:
+            job.end(stopped_message(job))
+            return
+        job.state = JobState.QUEUED
+        job.started_at = None
+        self._queue.unpop(job, job.session_id, job.seq)
+        order = self._queue.order()
+        self._pacing[job] = _Pacing(current=order.index(job))
+        self._publish(order)
+        self._wakeup.set()
 
     # ------------------------------------------------------------------ internals
 

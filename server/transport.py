@@ -35,7 +35,7 @@ class ServerStatus:
     """What the HTTP side needs to know about the server, read at each request."""
 
     ready: bool
-    reason: str | None  # "loading" | "draining" when not ready
+    reason: str | None  # "loading" | "draining" | "no engines" when not ready
     at_connection_limit: bool
 
 

@@ -25,7 +25,7 @@ from .events import (
     StepReport,
 )
 from .facts import ModelFacts, group_key
-from .handle import EngineHandle
+from .handle import EngineHandle, EngineLost
 from .local import LocalEngine
 from .prepare import PreparedJob, diffusers_arguments, prepare
 from .prompts import PROMPT_CACHE_SIZE, PromptCache, PromptKey, uses_guidance
@@ -38,6 +38,7 @@ __all__ = [
     "EngineCore",
     "EngineEvent",
     "EngineHandle",
+    "EngineLost",
     "EngineThread",
     "EngineWorker",
     "GroupKey",

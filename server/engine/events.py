@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+from latentcast.protocol import ImageResult
 
 from ..jobs import GenerationRequest
 
@@ -64,6 +67,10 @@ class LatentSnapshot:
         """The payload of a latent preview (PROTOCOL.md: little-endian float16, C order)."""
         return self.array().astype("<f2", copy=False).tobytes(order="C")
 
+    def __getstate__(self) -> dict[str, Any]:
+        # To another process (a Ray engine's front end): the host copy only.
+        return {**self.__dict__, "_array": self.array(), "_pinned": None, "_ready": None}
+
 
 @dataclass(frozen=True)
 class JobStarted:
@@ -87,10 +94,15 @@ class JobStepped:
 
 @dataclass(frozen=True)
 class JobFinished:
-    """The job's images, decoded (and composited, for inpaint): it left the engine."""
+    """The job's images, decoded (and composited, for inpaint): it left the engine.
+
+    An engine in another process sends ``results`` instead, the images already encoded
+    as the job asked, so that the front end only forwards bytes.
+    """
 
     key: Hashable
     images: list[Image.Image]
+    results: list[ImageResult] | None = None
 
 
 @dataclass(frozen=True)

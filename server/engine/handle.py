@@ -16,6 +16,20 @@ from .events import EngineEvent, JobSpec, StepReport
 from .facts import ModelFacts
 
 
+class EngineLost(Exception):
+    """The engine's process is gone (killed, out of memory, its machine lost).
+
+    Its running jobs are lost with it; :meth:`EngineHandle.recover` waits until it is
+    back (a Ray actor is restarted and loads its model again). The embedded engine never
+    raises it: its failures are the server's own (see ``Server._engine_loop_ended``).
+    """
+
+    def __init__(self, engine: str, why: str) -> None:
+        super().__init__(f"engine {engine} was lost" + (f": {why}" if why else ""))
+        self.engine = engine
+        self.why = why
+
+
 class EngineHandle(Protocol):
     """One engine core, as its :class:`~.worker.EngineWorker` sees it.
 
@@ -33,3 +47,7 @@ class EngineHandle(Protocol):
     async def abort(self, keys: Sequence[Hashable]) -> list[EngineEvent]: ...
 
     async def step(self) -> StepReport: ...
+
+    async def recover(self) -> None:
+        """After :class:`EngineLost`: until the engine answers again."""
+        ...

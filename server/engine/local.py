@@ -49,6 +49,9 @@ class LocalEngine:
     async def step(self) -> StepReport:
         return await self._thread.call(self._core.step)
 
+    async def recover(self) -> None:
+        """Never needed: the embedded engine does not raise ``EngineLost``."""
+
     def _add_all(self, specs: list[JobSpec]) -> list[EngineEvent]:
         """On the engine thread: phase 1 of each admitted job."""
         events: list[EngineEvent] = []

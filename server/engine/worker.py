@@ -54,7 +54,7 @@ from .events import (
     JobStopped,
     LatentSnapshot,
 )
-from .handle import EngineHandle
+from .handle import EngineHandle, EngineLost
 
 logger = logging.getLogger("latentcast.engine")
 
@@ -82,6 +82,8 @@ class _Running:
     job: Job
     group: GroupKey
     rows: int
+    #: The engine prepared it (JobStarted): from then on, losing the engine loses it.
+    started: bool = False
 
 
 class EngineWorker:
@@ -102,8 +104,32 @@ class EngineWorker:
         self._keys = itertools.count()
         self._running: dict[int, _Running] = {}
         self._finishing: set[asyncio.Task[None]] = set()
+        self._alive = True
+        self._name = engine.name
+        metrics.engine_alive.labels(engine=self._name).set(1)
+        metrics.engine_jobs_running.labels(engine=self._name).set(0)
+
+    @property
+    def engine(self) -> EngineHandle:
+        return self._engine
+
+    @property
+    def alive(self) -> bool:
+        """False from the loss of the engine until it answers again."""
+        return self._alive
 
     async def run(self) -> None:
+        """Serve the engine forever (until cancelled); outlive the loss of its process."""
+        while True:
+            try:
+                await self._serve()
+            except EngineLost as lost:
+                self._lost(lost)
+                await self._engine.recover()
+                self._alive = True
+                self._metrics.engine_alive.labels(engine=self._name).set(1)
+
+    async def _serve(self) -> None:
         while True:
             if not self._running:
                 await self._scheduler.wait_for_waiting()
@@ -124,7 +150,41 @@ class EngineWorker:
                 self._metrics.step_seconds.observe(report.seconds)
                 for rows in report.unet_rows:
                     self._metrics.unet_rows.observe(rows)
+                self._metrics.engine_steps.labels(engine=self._name).inc(len(report.unet_rows))
+                self._metrics.engine_rows.labels(engine=self._name).inc(sum(report.unet_rows))
             self._dispatch(report.events)
+
+    def _lost(self, lost: EngineLost) -> None:
+        """The engine's process is gone: its jobs that had started end with
+        ``generation_failed``; those it never prepared wait again in their places."""
+        self._alive = False
+        self._metrics.engine_alive.labels(engine=self._name).set(0)
+        running = sorted(self._running.values(), key=lambda run: run.job.seq)
+        self._running.clear()
+        self._running_changed(-len(running))
+        logger.error(
+            "%s: %d running jobs lost; waiting for the engine to come back",
+            lost,
+            sum(run.started for run in running),
+        )
+        for run in running:
+            job = run.job
+            if not run.started:
+                logger.info("session=%s job=%s back in the queue", job.session_id, job.id)
+                self._scheduler.requeue(job)
+                continue
+            logger.error("session=%s job=%s failed: %s", job.session_id, job.id, lost)
+            job.end(
+                Error(
+                    id=job.id,
+                    code=ErrorCode.GENERATION_FAILED,
+                    message=f"generation failed: {lost}; submit the job again",
+                )
+            )
+
+    def _running_changed(self, delta: int) -> None:
+        self._metrics.jobs_running.inc(delta)
+        self._metrics.engine_jobs_running.labels(engine=self._name).set(len(self._running))
 
     # ------------------------------------------------------------------ admission
 
@@ -152,7 +212,7 @@ class EngineWorker:
                 len(self._running),
             )
             specs.append(JobSpec(key, job.request))
-        self._metrics.jobs_running.set(len(self._running))
+        self._running_changed(len(specs))
         return specs
 
     # ------------------------------------------------------------------ events
@@ -167,12 +227,13 @@ class EngineWorker:
             if isinstance(event, JobStepped):
                 self._stepped(job, event, now)
             elif isinstance(event, JobStarted):
+                run.started = True
                 self._started(job, event)
             else:
                 del self._running[event.key]  # type: ignore[arg-type]
-                self._metrics.jobs_running.set(len(self._running))
+                self._running_changed(-1)
                 if isinstance(event, JobFinished):
-                    self._finished(job, event.images)
+                    self._finished(job, event)
                 elif isinstance(event, JobStopped):
                     job.step = event.step
                     job.end(stopped_message(job))
@@ -236,19 +297,22 @@ class EngineWorker:
             id=job.id, step=step, format=preview.format, width=width, height=height, data=data
         )
 
-    def _finished(self, job: Job, images: list[Image.Image]) -> None:
-        # Encoding runs beside the next steps, so the engine never waits for it.
-        task = asyncio.create_task(self._complete(job, images), name=f"complete-{job.id}")
+    def _finished(self, job: Job, event: JobFinished) -> None:
+        # Encoding runs beside the next steps, so the engine never waits for it (an
+        # engine in another process sends the images encoded already).
+        task = asyncio.create_task(self._complete(job, event), name=f"complete-{job.id}")
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
 
-    async def _complete(self, job: Job, images: list[Image.Image]) -> None:
+    async def _complete(self, job: Job, event: JobFinished) -> None:
         loop = asyncio.get_running_loop()
         request = job.request
         try:
-            results = await loop.run_in_executor(
-                self._encoder, encode_results, images, request.output, request.seed
-            )
+            results = event.results
+            if results is None:
+                results = await loop.run_in_executor(
+                    self._encoder, encode_results, event.images, request.output, request.seed
+                )
         except Exception as exc:
             logger.exception("session=%s job=%s: encoding failed", job.session_id, job.id)
             job.end(

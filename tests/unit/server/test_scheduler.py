@@ -527,6 +527,36 @@ async def test_stop_of_a_running_job_waits_for_the_engine(setup: Setup) -> None:
     assert setup.scheduler.unfinished == frozenset()
 
 
+async def test_a_requeued_job_waits_again_in_its_own_place(setup: Setup) -> None:
+    """An engine lost before it prepared the job: the job goes back where it was."""
+    a1, a2 = setup.submit("A", "a1"), setup.submit("A", "a2")
+    b1 = setup.submit("B", "b1")
+    assert await setup.scheduler.next_job() is a1
+    setup.owners["A"].take()
+    setup.owners["B"].take()
+    setup.scheduler.requeue(a1)
+    assert a1.state is JobState.QUEUED and a1.started_at is None and a1.unfinished
+    assert setup.scheduler.waiting == 3
+    # Its client never heard it start: still first, nothing to tell. b1 is second again.
+    assert setup.owners["A"].take() == []
+    setup.timers.advance(QUEUED_MIN_INTERVAL)
+    assert setup.owners["B"].take() == [Queued(id="b1", position=1)]
+    # In its place again: before b1 (A's start is undone) and before a2 (its age).
+    assert [await setup.scheduler.next_job() for _ in range(3)] == [a1, b1, a2]
+
+
+async def test_a_requeued_job_that_was_stopped_ends_instead(setup: Setup) -> None:
+    a1 = setup.submit("A", "a1")
+    assert await setup.scheduler.next_job() is a1
+    setup.scheduler.stop(a1, StopReason.CLIENT)
+    setup.owners["A"].take()
+    setup.scheduler.requeue(a1)
+    assert not a1.unfinished and setup.scheduler.waiting == 0
+    assert setup.owners["A"].take() == [Cancelled(id="a1", step=0, reason="client")]
+    setup.scheduler.requeue(a1)  # an ended job: nothing
+    assert setup.owners["A"].take() == [] and setup.scheduler.waiting == 0
+
+
 async def test_replacing_a_waiting_job_takes_its_place(setup: Setup) -> None:
     a1 = setup.submit("A", "a1")
     a2 = setup.submit("A", "a2")

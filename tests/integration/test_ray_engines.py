@@ -1,0 +1,292 @@
+"""Engines in Ray actors (issue 10), against a real local Ray cluster.
+
+One cluster for the module: ``ray start --head --block`` with 2 CPUs, as an operator
+starts one; every server here joins it (``ray_address``) with engine actors of the tiny
+model, each loading the model in its own process. What a client must see:
+
+* jobs from several sessions run on both engines, each engine's images are the embedded
+  engine's bytes (results encoded on the engine's side);
+* a cancel reaches the job on its actor and ends it at the next step;
+* an engine killed mid-job fails exactly its running jobs with ``generation_failed``,
+  the queued jobs run on the other engine, Ray restarts the killed one, new jobs
+  complete; ``/ready`` stays 200 while one engine answers and says ``no engines``
+  while none does; ``/metrics`` says which engine is alive;
+* a model no engine can load is a failed start that says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from latentcast.protocol import Cancelled, Complete, Error, Progress
+from tests.support import open_client, ready_status, wait_for
+
+pytest.importorskip("ray", reason="the Ray engine tests need the latentcast[ray] extra")
+
+PROMPT = "a lighthouse"
+#: Long enough to kill or cancel mid-way on any machine, short enough to finish.
+SLOW_JOB = {"steps": 60, "width": 128, "height": 128}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A one-node Ray cluster with 2 CPUs; its address. Stopped (SIGTERM) at the end."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("ray") / "ray-start.log"
+    ray = Path(sys.executable).with_name("ray")
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [
+                *(str(ray), "start", "--head", "--block", "--num-cpus", "2"),
+                *("--port", str(port), "--node-ip-address", "127.0.0.1"),
+                *("--include-dashboard", "false", "--disable-usage-stats"),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            # A throwaway cluster on loopback: no token to hand to every driver.
+            env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, f"ray start ended: {log.read_text()[-2000:]}"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the Ray head did not come up in 60 s"
+                time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@asynccontextmanager
+async def ray_server(model_cache: Path, address: str, **options: Any) -> AsyncIterator[Any]:
+    """A ready server whose engines are actors on the module's cluster."""
+    from latentcast.server.app import Server
+    from latentcast.server.config import ServerConfig
+
+    settings: dict[str, Any] = {
+        "port": 0,
+        "cache_dir": model_cache,
+        "drain_timeout": 10.0,
+        "cpu_threads": 1,
+        "ray_address": address,
+        "engines": 2,
+    }
+    settings.update(options)
+    async with Server(ServerConfig(**settings)) as server:
+        async with asyncio.timeout(120):
+            await server.wait_ready()
+            # Both engines, so that every test knows where its jobs can go.
+            await wait_for(lambda: len(server._workers) == settings["engines"], timeout=120)
+        yield server
+
+
+def submit(job_id: str, **params: Any) -> dict[str, Any]:
+    return {"type": "submit", "id": job_id, "params": {"prompt": PROMPT, **params}}
+
+
+def metric(server: Any, name: str, engine: str) -> float:
+    prefix = f'{name}{{engine="{engine}"}} '
+    for line in server.metrics.render().decode().splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {prefix.strip()} in /metrics")
+
+
+def engine_of(server: Any, job_id: str) -> Any:
+    """The worker whose engine runs ``job_id``."""
+    for worker in server._workers:
+        if any(run.job.id == job_id for run in worker._running.values()):
+            return worker
+    raise AssertionError(f"{job_id} runs on no engine")
+
+
+async def test_jobs_from_several_sessions_run_on_both_engines_with_the_embedded_bytes(
+    ray_cluster: str, model_cache: Path, start_server: Any
+) -> None:
+    jobs = {f"j{k}": {"steps": 3, "seed": k} for k in range(4)}
+    async with ray_server(model_cache, ray_cluster, max_batch=2) as server:
+        assert server.model is None, "the front end loads no model"
+        clients = [await open_client(server.ws_url) for _ in range(2)]
+        assert clients[0].welcome.model.name == "tiny"
+        for k, (job_id, params) in enumerate(jobs.items()):
+            await clients[k % 2].send(submit(job_id, **params))
+        ends = {}
+        for k, job_id in enumerate(jobs):
+            ends[job_id] = (await clients[k % 2].job_messages(job_id))[-1]
+        assert all(isinstance(end, Complete) for end in ends.values()), ends
+        # max_batch 2: one guided job per engine at a time, so both engines ran jobs.
+        for engine in ("ray-0", "ray-1"):
+            assert metric(server, "latentcast_engine_steps_total", engine) > 0, engine
+            assert metric(server, "latentcast_engine_alive", engine) == 1
+        for client in clients:
+            await client.close()
+    async with start_server(model="tiny") as local:
+        client = await open_client(local.ws_url)
+        for job_id, params in jobs.items():
+            await client.send(submit(job_id, **params))
+            end = (await client.job_messages(job_id))[-1]
+            assert isinstance(end, Complete)
+            assert end.images[0].data == ends[job_id].images[0].data, job_id
+        await client.close()
+
+
+async def test_a_cancel_reaches_the_job_on_its_actor(ray_cluster: str, model_cache: Path) -> None:
+    async with ray_server(model_cache, ray_cluster, engines=1) as server:
+        client = await open_client(server.ws_url)
+        await client.send(submit("long", **SLOW_JOB))
+        await client.send(submit("short", steps=3, seed=1))
+        await client.recv_until(
+            lambda m: isinstance(m, Progress) and m.id == "long" and m.step >= 2
+        )
+        await client.send({"type": "cancel", "id": "long"})
+        long_end = (await client.job_messages("long"))[-1]
+        assert isinstance(long_end, Cancelled) and long_end.step < SLOW_JOB["steps"], long_end
+        assert isinstance((await client.job_messages("short"))[-1], Complete)
+        await client.close()
+
+
+async def test_a_killed_engine_fails_exactly_its_running_jobs_and_comes_back(
+    ray_cluster: str, model_cache: Path
+) -> None:
+    async with ray_server(model_cache, ray_cluster, max_batch=2) as server:
+        http = server.http_url
+        client = await open_client(server.ws_url)
+        for k in range(4):  # two run (one per engine), two wait
+            await client.send(submit(f"j{k}", seed=k, **SLOW_JOB))
+        await client.recv_until(
+            lambda m: isinstance(m, Progress) and m.id in ("j0", "j1") and m.step >= 2
+        )
+        await wait_for(lambda: sum(len(w._running) for w in server._workers) == 2)
+        victim = engine_of(server, "j0")
+        lost = "j0"
+        survivor = "j1"
+        assert engine_of(server, survivor) is not victim
+        os.kill(victim.engine.pid, signal.SIGKILL)
+
+        lost_end = (await client.job_messages(lost))[-1]
+        assert isinstance(lost_end, Error) and lost_end.code == "generation_failed", lost_end
+        assert f"engine {victim.engine.name} was lost" in lost_end.message
+        assert (await asyncio.to_thread(ready_status, http))[0] == 200, "one engine answers"
+        for job_id in (survivor, "j2", "j3"):
+            end = (await client.job_messages(job_id))[-1]
+            assert isinstance(end, Complete), (job_id, end)
+        # Ray restarts the killed actor; it loads the model again and takes jobs.
+        await wait_for(lambda: victim.alive, timeout=120)
+        assert metric(server, "latentcast_engine_alive", victim.engine.name) == 1
+        await client.send(submit("after", steps=3))
+        assert isinstance((await client.job_messages("after"))[-1], Complete)
+        await client.close()
+
+
+async def test_ready_says_no_engines_while_the_only_one_is_lost(
+    ray_cluster: str, model_cache: Path
+) -> None:
+    async with ray_server(model_cache, ray_cluster, engines=1) as server:
+        (worker,) = server._workers
+        http = server.http_url
+        client = await open_client(server.ws_url)
+        await client.send(submit("doomed", **SLOW_JOB))
+        await client.recv_until(lambda m: isinstance(m, Progress) and m.id == "doomed")
+        os.kill(worker.engine.pid, signal.SIGKILL)
+        end = (await client.job_messages("doomed"))[-1]
+        assert isinstance(end, Error) and end.code == "generation_failed", end
+        status, body = await asyncio.to_thread(ready_status, http)
+        assert (status, body.get("reason")) == (503, "no engines"), (status, body)
+        assert metric(server, "latentcast_engine_alive", "ray-0") == 0
+        # A job accepted meanwhile waits for the engine, and runs once it is back.
+        await client.send(submit("patient", steps=3))
+        assert isinstance((await client.job_messages("patient"))[-1], Complete)
+        assert (await asyncio.to_thread(ready_status, http))[0] == 200
+        await client.close()
+
+
+async def test_a_model_no_engine_can_load_fails_the_start(
+    ray_cluster: str, model_cache: Path, tmp_path: Path
+) -> None:
+    from latentcast.server.app import Server
+    from latentcast.server.config import ServerConfig
+
+    missing = tmp_path / "no-such-model"
+    config = ServerConfig(
+        port=0,
+        cache_dir=model_cache,
+        cpu_threads=1,
+        ray_address=ray_cluster,
+        engines=2,
+        model=str(missing),
+    )
+    server = Server(config)
+    await server.start()
+    try:
+        with pytest.raises(Exception) as failure:
+            async with asyncio.timeout(120):
+                await server.wait_ready()
+        assert "no-such-model" in str(failure.value)
+        assert server.load_error is not None
+    finally:
+        await server.close()
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+async def test_serve_engines_drains_on_sigterm_and_stops_the_ray_runtime_it_started(
+    model_cache: Path,
+) -> None:
+    """``latentcast serve --engines 2``: its own local Ray runtime; SIGTERM lets the running
+    job finish, the process exits 0 and takes the runtime with it."""
+    from tests.integration.test_drain import serve_process
+
+    async with serve_process(model_cache, "--engines", "2", "--cpu-threads", "1") as served:
+        session = next(
+            match.group(1)
+            for line in served.log
+            if (match := re.search(r"ray: started a local runtime .*session (session_\S+)\)", line))
+        )
+        assert _processes_mentioning(session), "no Ray processes of its own"
+        client = await open_client(served.url)
+        await client.send(submit("last", steps=12, width=128, height=128))
+        await client.recv_until(lambda m: isinstance(m, Progress) and m.id == "last")
+        served.signal(signal.SIGTERM)
+        end = (await client.job_messages("last"))[-1]
+        assert isinstance(end, Complete), end
+        status, _ = await served.wait_exit(timeout=60)
+        assert status == 0, "".join(served.log[-20:])
+    await wait_for(lambda: not _processes_mentioning(session), timeout=30)
