@@ -70,6 +70,8 @@ CLOSE_TIMEOUT = 5.0
 #: How long close() waits, by default, for the engine thread to leave a stopped job (or a
 #: model load). A process that exits does not wait this long: see :func:`run`.
 ENGINE_STOP_TIMEOUT = 30.0
+#: How long close() waits for Ray to disconnect (and stop a runtime it started).
+RAY_STOP_TIMEOUT = 5.0
 #: PROTOCOL.md section 7: the process exits within the drain timeout + this of the first
 #: signal, and within this of a second one.
 EXIT_BOUND = 6.0
@@ -532,7 +534,13 @@ class Server:
         self._encoder.shutdown(wait=False, cancel_futures=True)
         if self._ray is not None:
             # Our actors end with the connection; a runtime started here ends with them.
-            await asyncio.to_thread(self._ray.stop)
+            # Bounded: a process that must exit on time does not wait for Ray.
+            stopping = asyncio.ensure_future(asyncio.to_thread(self._ray.stop))
+            try:
+                async with asyncio.timeout(max(0.1, min(RAY_STOP_TIMEOUT, engine_timeout))):
+                    await asyncio.shield(stopping)
+            except TimeoutError:
+                logger.warning("ray did not shut down within %.1f s", RAY_STOP_TIMEOUT)
         # A job stopped at the deadline leaves the engine at its next step boundary.
         self._thread.close()
         if await asyncio.to_thread(self._thread.join, max(0.0, engine_timeout)):

@@ -42,7 +42,8 @@ class Metrics:
         )
         self.engine_steps = Counter(
             "latentcast_engine_steps",
-            "Engine steps (one UNet call of a group); rate() is steps per second.",
+            "UNet calls the engine made (one per step, more when a failing batch is split); "
+            "rate() is steps per second.",
             ["engine"],
             registry=self.registry,
         )
@@ -62,7 +63,8 @@ class Metrics:
             self.jobs.labels(outcome=outcome)
         self.step_seconds = Histogram(
             "latentcast_step_seconds",
-            "Wall time of one engine step (one UNet call for a group of jobs).",
+            "Wall time of one engine step of a group of jobs (its UNet calls, scheduler "
+            "steps and decodes).",
             buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
             registry=self.registry,
         )

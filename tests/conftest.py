@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,37 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 ServerFactory = Callable[..., AbstractAsyncContextManager[Any]]
 
 
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The address of a real local Ray cluster (2 CPUs), started on first use."""
+    pytest.importorskip("ray", reason="the Ray engine tests need the latentcast[ray] extra")
+    from tests.fixtures.ray_cluster import local_ray_cluster
+
+    with local_ray_cluster(tmp_path_factory.mktemp("ray") / "ray-start.log") as address:
+        yield address
+
+
+#: Engine kinds a ``@pytest.mark.both_engines`` test runs against.
+ENGINE_KINDS = ("embedded", "ray")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``@pytest.mark.both_engines``: run the test once per engine kind (``engine_kind``)."""
+    if metafunc.definition.get_closest_marker("both_engines") is not None:
+        metafunc.parametrize("engine_kind", ENGINE_KINDS)
+
+
 @pytest.fixture
-def start_server(model_cache: Path) -> ServerFactory:
+def engine_kind() -> str:
+    """The engine kind of ``start_server``'s servers: the embedded one unless the test is
+    marked ``both_engines``."""
+    return "embedded"
+
+
+@pytest.fixture
+def start_server(
+    model_cache: Path, engine_kind: str, request: pytest.FixtureRequest
+) -> ServerFactory:
     """``async with start_server(max_queue=2) as server:`` a ready server on 127.0.0.1.
 
     Its engine gets one torch thread unless a test says otherwise: the tests run their
@@ -38,9 +67,17 @@ def start_server(model_cache: Path) -> ServerFactory:
     than cores libgomp stops spin-waiting, so torch's default of a thread per core can
     make a 0.1 s job take seconds here. (A server process keeps torch to the engine
     thread; the default thread count is measured in bench/bench_batching.py.)
+
+    With ``engine_kind`` "ray" (tests marked ``both_engines``) the engine is one Ray
+    actor on the session's local cluster instead: one engine, so a test's premises
+    (what runs, what waits) are the embedded engine's.
     """
     from latentcast.server.app import Server
     from latentcast.server.config import ServerConfig
+
+    ray_options: dict[str, Any] = {}
+    if engine_kind == "ray":
+        ray_options = {"ray_address": request.getfixturevalue("ray_cluster"), "engines": 1}
 
     @asynccontextmanager
     async def start(**overrides: Any) -> AsyncIterator[Server]:
@@ -49,6 +86,7 @@ def start_server(model_cache: Path) -> ServerFactory:
             "cache_dir": model_cache,
             "drain_timeout": 10.0,
             "cpu_threads": 1,
+            **ray_options,
         }
         options.update(overrides)
         async with Server(ServerConfig(**options)) as server:

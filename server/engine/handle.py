@@ -48,6 +48,10 @@ class EngineHandle(Protocol):
 
     async def step(self) -> StepReport: ...
 
+    async def ping(self) -> None:
+        """Check that an idle engine is there; raises :class:`EngineLost` when it is not."""
+        ...
+
     async def recover(self) -> None:
         """After :class:`EngineLost`: until the engine answers again."""
         ...

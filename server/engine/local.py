@@ -49,6 +49,9 @@ class LocalEngine:
     async def step(self) -> StepReport:
         return await self._thread.call(self._core.step)
 
+    async def ping(self) -> None:
+        """Nothing to check: the engine thread is this process's."""
+
     async def recover(self) -> None:
         """Never needed: the embedded engine does not raise ``EngineLost``."""
 

@@ -50,7 +50,11 @@ class EngineActor:
         from .core import EngineCore
 
         logging.basicConfig(level=config.log_level.upper(), format="%(name)s: %(message)s")
-        model = load_model(config.model, **config.model_arguments())
+        arguments = config.model_arguments()
+        if config.device.startswith("cuda"):
+            # Ray shows an actor only its own GPU, as cuda:0, whatever --device names.
+            arguments["device"] = "cuda"
+        model = load_model(config.model, **arguments)
         if model.device.type == "cpu":
             # Ray gives an actor OMP_NUM_THREADS = its CPUs, so torch's default fits.
             torch.set_num_threads(config.cpu_threads or torch.get_num_threads())
@@ -62,6 +66,10 @@ class EngineActor:
     def describe(self) -> tuple[ModelFacts, int, int]:
         """(model facts, max_batch, process id)."""
         return self._facts, self._max_batch, os.getpid()
+
+    def ping(self) -> int:
+        """The process id: the actor answers (an idle engine's health check)."""
+        return os.getpid()
 
     def add(self, specs: list[JobSpec]) -> list[EngineEvent]:
         events: list[EngineEvent] = []
@@ -122,6 +130,7 @@ class RayEngine:
         try:
             described = await _call(name, actor.describe.remote())
         except EngineLost as lost:
+            ray.kill(actor, no_restart=True)  # not restarted to fail the same way again
             raise RuntimeError(f"engine {name} could not start: {lost.why}") from lost
         engine = cls(name, actor, *described)
         logger.info(
@@ -144,6 +153,10 @@ class RayEngine:
     async def step(self) -> StepReport:
         report: StepReport = await _call(self.name, self._actor.step.remote())
         return report
+
+    async def ping(self) -> None:
+        """Raises :class:`EngineLost` when the actor is gone."""
+        self.pid = await _call(self.name, self._actor.ping.remote())
 
     async def recover(self) -> None:
         """Until the actor answers again (Ray restarts it, and it reloads the model)."""

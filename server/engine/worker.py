@@ -58,6 +58,9 @@ from .handle import EngineHandle, EngineLost
 
 logger = logging.getLogger("latentcast.engine")
 
+#: Seconds between two health checks of an idle engine.
+HEALTH_INTERVAL = 2.0
+
 
 def encode_results(
     images: list[Image.Image], output: OutputRequest, first_seed: int
@@ -132,7 +135,7 @@ class EngineWorker:
     async def _serve(self) -> None:
         while True:
             if not self._running:
-                await self._scheduler.wait_for_waiting()
+                await self._wait_for_work()
             specs = self._admit()
             if specs:
                 self._dispatch(await self._engine.add(specs))
@@ -153,6 +156,17 @@ class EngineWorker:
                 self._metrics.engine_steps.labels(engine=self._name).inc(len(report.unet_rows))
                 self._metrics.engine_rows.labels(engine=self._name).inc(sum(report.unet_rows))
             self._dispatch(report.events)
+
+    async def _wait_for_work(self) -> None:
+        """Until a job waits; an idle engine is checked every HEALTH_INTERVAL meanwhile,
+        so that /ready and /metrics know of an engine that died while idle."""
+        while True:
+            try:
+                async with asyncio.timeout(HEALTH_INTERVAL):
+                    await self._scheduler.wait_for_waiting()
+                return
+            except TimeoutError:
+                await self._engine.ping()
 
     def _lost(self, lost: EngineLost) -> None:
         """The engine's process is gone: its jobs that had started end with

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from latentcast.protocol import Accepted, Cancelled, Complete, Progress, Started
 from tests.support import LONG_JOB, ONE_AT_A_TIME, is_terminal, open_client
 
 LONG = LONG_JOB["steps"]
 
 
+@pytest.mark.both_engines
 async def test_cancel_of_a_queued_job_answers_at_once(start_server) -> None:
     async with start_server(**ONE_AT_A_TIME) as server:
         client = await open_client(server.ws_url)
@@ -27,6 +30,7 @@ async def test_cancel_of_a_queued_job_answers_at_once(start_server) -> None:
         await client.close()
 
 
+@pytest.mark.both_engines
 async def test_cancel_of_a_running_job_stops_at_the_next_step_and_the_engine_moves_on(
     start_server,
 ) -> None:
@@ -53,6 +57,7 @@ async def test_cancel_of_a_running_job_stops_at_the_next_step_and_the_engine_mov
         await client.close()
 
 
+@pytest.mark.both_engines
 async def test_cancel_of_an_ended_job_is_unknown_job(start_server) -> None:
     async with start_server() as server:
         client = await open_client(server.ws_url)
@@ -67,6 +72,7 @@ async def test_cancel_of_an_ended_job_is_unknown_job(start_server) -> None:
         await client.close()
 
 
+@pytest.mark.both_engines
 async def test_replacing_a_queued_job_takes_its_place(start_server) -> None:
     async with start_server(**ONE_AT_A_TIME) as server:
         client = await open_client(server.ws_url)
@@ -88,6 +94,7 @@ async def test_replacing_a_queued_job_takes_its_place(start_server) -> None:
         await client.close()
 
 
+@pytest.mark.both_engines
 async def test_replacing_a_running_job_stops_it_at_the_next_step(start_server) -> None:
     async with start_server() as server:
         client = await open_client(server.ws_url)
@@ -103,6 +110,7 @@ async def test_replacing_a_running_job_stops_it_at_the_next_step(start_server) -
         await client.close()
 
 
+@pytest.mark.both_engines
 async def test_replaces_of_an_unknown_or_ended_job_is_accepted(start_server) -> None:
     async with start_server() as server:
         client = await open_client(server.ws_url)
@@ -112,6 +120,7 @@ async def test_replaces_of_an_unknown_or_ended_job_is_accepted(start_server) -> 
         await client.close()
 
 
+@pytest.mark.both_engines
 async def test_a_rejected_replacing_submit_leaves_the_named_job_alone(start_server) -> None:
     async with start_server() as server:
         client = await open_client(server.ws_url)
@@ -131,6 +140,7 @@ async def test_a_rejected_replacing_submit_leaves_the_named_job_alone(start_serv
         await client.close()
 
 
+@pytest.mark.both_engines
 async def test_the_replaced_job_does_not_count_toward_the_limits(start_server) -> None:
     async with start_server(max_jobs_per_session=1, max_queue=1, **ONE_AT_A_TIME) as server:
         client = await open_client(server.ws_url)
@@ -150,6 +160,7 @@ async def test_the_replaced_job_does_not_count_toward_the_limits(start_server) -
         await blocker.close()
 
 
+@pytest.mark.both_engines
 async def test_a_disconnect_cancels_the_sessions_jobs_and_frees_the_engine(start_server) -> None:
     async with start_server() as server:
         leaver = await open_client(server.ws_url)

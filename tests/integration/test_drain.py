@@ -35,6 +35,7 @@ async def _closed_code(client) -> int:
     return client.ws.close_code
 
 
+@pytest.mark.both_engines
 async def test_drain_lets_jobs_finish_refuses_new_work_and_closes_with_1001(start_server) -> None:
     async with start_server(drain_timeout=60) as server:
         one = await open_client(server.ws_url)
@@ -65,6 +66,7 @@ async def test_drain_lets_jobs_finish_refuses_new_work_and_closes_with_1001(star
         await drain
 
 
+@pytest.mark.both_engines
 async def test_at_the_deadline_unfinished_jobs_end_with_shutdown(start_server) -> None:
     # One job at a time: "queued" is still waiting at the deadline.
     async with start_server(drain_timeout=1.0, **ONE_AT_A_TIME) as server:
@@ -82,6 +84,7 @@ async def test_at_the_deadline_unfinished_jobs_end_with_shutdown(start_server) -
         await drain
 
 
+@pytest.mark.both_engines
 async def test_a_second_stop_request_moves_the_deadline_to_now(start_server) -> None:
     async with start_server(drain_timeout=600) as server:
         client = await open_client(server.ws_url)

@@ -72,6 +72,7 @@ async def test_batching_is_announced_only_when_jobs_may_share_steps(start_server
         assert msgpack.unpackb(await ws.recv())["features"] == []
 
 
+@pytest.mark.both_engines
 async def test_txt2img_streams_in_order_and_completes(start_server) -> None:
     async with start_server() as server:
         client = await open_client(server.ws_url)
@@ -96,6 +97,7 @@ async def test_txt2img_streams_in_order_and_completes(start_server) -> None:
         await client.close()
 
 
+@pytest.mark.both_engines
 async def test_server_draws_and_reports_a_seed_when_none_is_given(start_server) -> None:
     async with start_server() as server:
         client = await open_client(server.ws_url)
@@ -149,6 +151,7 @@ async def test_image_is_byte_identical_to_calling_the_pipeline_directly(start_se
         assert complete.images[0].data == encode_image(direct, "png")
 
 
+@pytest.mark.both_engines
 async def test_same_params_and_seed_give_the_same_image(start_server) -> None:
     async with start_server() as server:
         client = await open_client(server.ws_url)
@@ -163,6 +166,7 @@ async def test_same_params_and_seed_give_the_same_image(start_server) -> None:
         await client.close()
 
 
+@pytest.mark.both_engines
 async def test_num_images_uses_seed_plus_k(start_server) -> None:
     async with start_server() as server:
         client = await open_client(server.ws_url)
@@ -197,6 +201,7 @@ async def test_output_format_and_quality(start_server, fmt: str, pil_format: str
         await client.close()
 
 
+@pytest.mark.both_engines
 async def test_latent_previews_every_n_steps_and_never_the_last(start_server) -> None:
     async with start_server() as server:
         client = await open_client(server.ws_url)
@@ -216,6 +221,7 @@ async def test_latent_previews_every_n_steps_and_never_the_last(start_server) ->
         await client.close()
 
 
+@pytest.mark.both_engines
 async def test_image_previews_respect_format_and_max_side(start_server) -> None:
     async with start_server() as server:
         client = await open_client(server.ws_url)

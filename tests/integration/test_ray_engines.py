@@ -1,8 +1,11 @@
 """Engines in Ray actors (issue 10), against a real local Ray cluster.
 
-One cluster for the module: ``ray start --head --block`` with 2 CPUs, as an operator
-starts one; every server here joins it (``ray_address``) with engine actors of the tiny
-model, each loading the model in its own process. What a client must see:
+One cluster for the test session (the ``ray_cluster`` fixture: ``ray start --head
+--block`` with 2 CPUs, as an operator starts one); every server here joins it
+(``ray_address``) with engine actors of the tiny model, each loading the model in its
+own process. The guarantees every engine must keep (order, fairness, cancel, replace,
+drain, slow readers) run against one Ray engine as well: the tests marked
+``both_engines`` in the other modules. What a client must see:
 
 * jobs from several sessions run on both engines, each engine's images are the embedded
   engine's bytes (results encoded on the engine's side);
@@ -20,11 +23,8 @@ import asyncio
 import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -39,50 +39,6 @@ pytest.importorskip("ray", reason="the Ray engine tests need the latentcast[ray]
 PROMPT = "a lighthouse"
 #: Long enough to kill or cancel mid-way on any machine, short enough to finish.
 SLOW_JOB = {"steps": 60, "width": 128, "height": 128}
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A one-node Ray cluster with 2 CPUs; its address. Stopped (SIGTERM) at the end."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("ray") / "ray-start.log"
-    ray = Path(sys.executable).with_name("ray")
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [
-                *(str(ray), "start", "--head", "--block", "--num-cpus", "2"),
-                *("--port", str(port), "--node-ip-address", "127.0.0.1"),
-                *("--include-dashboard", "false", "--disable-usage-stats"),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            # A throwaway cluster on loopback: no token to hand to every driver.
-            env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, f"ray start ended: {log.read_text()[-2000:]}"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the Ray head did not come up in 60 s"
-                time.sleep(0.2)
-        yield f"127.0.0.1:{port}"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @asynccontextmanager
@@ -290,3 +246,27 @@ async def test_serve_engines_drains_on_sigterm_and_stops_the_ray_runtime_it_star
         status, _ = await served.wait_exit(timeout=60)
         assert status == 0, "".join(served.log[-20:])
     await wait_for(lambda: not _processes_mentioning(session), timeout=30)
+
+
+async def test_an_engine_that_dies_while_idle_is_noticed_and_comes_back(
+    ray_cluster: str, model_cache: Path
+) -> None:
+    """An idle engine is checked every few seconds: /ready and /metrics know it is gone
+    before any job finds out, and know it is back."""
+    async with ray_server(model_cache, ray_cluster, engines=1) as server:
+        (worker,) = server._workers
+        http = server.http_url
+        os.kill(worker.engine.pid, signal.SIGKILL)
+
+        async def ready() -> tuple[int, str | None]:
+            status, body = await asyncio.to_thread(ready_status, http)
+            return status, body.get("reason")
+
+        deadline = time.monotonic() + 30
+        while await ready() != (503, "no engines"):
+            assert time.monotonic() < deadline, "the dead engine went unnoticed"
+            await asyncio.sleep(0.2)
+        assert metric(server, "latentcast_engine_alive", "ray-0") == 0
+        await wait_for(lambda: worker.alive, timeout=120)
+        assert await ready() == (200, None)
+        assert metric(server, "latentcast_engine_alive", "ray-0") == 1

@@ -6,11 +6,14 @@ import asyncio
 import itertools
 import time
 
+import pytest
+
 from latentcast.protocol import Accepted, Queued, Started
 from latentcast.server.scheduler import QUEUED_MIN_INTERVAL
 from tests.support import LONG_JOB, ONE_AT_A_TIME, Client, is_terminal, open_client
 
 
+@pytest.mark.both_engines
 async def test_a_backlog_does_not_starve_another_session(start_server) -> None:
     # One job at a time, so that the start order is the order of `started`.
     async with start_server(**ONE_AT_A_TIME) as server:
@@ -34,6 +37,7 @@ async def test_a_backlog_does_not_starve_another_session(start_server) -> None:
         await late.close()
 
 
+@pytest.mark.both_engines
 async def test_positions_are_told_and_updated(start_server) -> None:
     async with start_server(**ONE_AT_A_TIME) as server:
         client = await open_client(server.ws_url)
@@ -54,6 +58,7 @@ async def test_positions_are_told_and_updated(start_server) -> None:
         await client.close()
 
 
+@pytest.mark.both_engines
 async def test_answers_come_in_submit_order_and_sessions_see_only_their_jobs(start_server) -> None:
     async with start_server() as server:
         one = await open_client(server.ws_url)
@@ -114,6 +119,7 @@ async def read_for(client: Client, seconds: float) -> None:
             return
 
 
+@pytest.mark.both_engines
 async def test_queued_is_paced_per_job_and_ends_on_the_true_position(start_server) -> None:
     """PROTOCOL.md 4: queued at most once per 250 ms per job, carrying the latest position."""
     waiting, cancelled = 20, 12

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from latentcast.protocol import Complete, LatentPreview, Progress
 from latentcast.server.jobs import StopReason
 from tests.support import (
@@ -50,6 +52,7 @@ async def _stall(server, stalled, job_id: str) -> None:
     assert stalled.session.buffer.reliable_backlog > 0, "the writer is blocked on the result"
 
 
+@pytest.mark.both_engines
 async def test_a_stalled_reader_does_not_hold_up_the_engine_or_other_sessions(start_server) -> None:
     async with start_server(send_timeout=120) as server:
         stalled = await open_stalled_client(server)
@@ -127,6 +130,7 @@ async def test_a_client_that_does_not_read_is_disconnected_after_the_send_timeou
         await stalled.close()
 
 
+@pytest.mark.both_engines
 async def test_a_slow_reader_gets_the_latest_droppable_messages_and_every_reliable_one(
     start_server,
 ) -> None:
@@ -160,6 +164,7 @@ async def test_a_slow_reader_gets_the_latest_droppable_messages_and_every_reliab
         await client.close()
 
 
+@pytest.mark.both_engines
 async def test_a_send_timeout_disconnect_frees_the_connection_slot_within_5_s(
     start_server,
 ) -> None:
