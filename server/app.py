@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import gc
 import logging
 import os
 import signal
@@ -157,6 +158,11 @@ class Server:
             reason=reason,
             at_connection_limit=len(self.sessions) >= self.config.max_connections,
         )
+
+    @property
+    def workers(self) -> tuple[EngineWorker, ...]:
+        """One engine loop per engine serving now; with Ray engines, more join as they load."""
+        return tuple(self._workers)
 
     @property
     def engine_thread(self) -> EngineThread:
@@ -322,6 +328,11 @@ class Server:
         batching = engine.policy.max_batch > 1
         if self._context is None:
             self._context = self._session_context(engine.facts, batching=batching)
+            # Everything loaded so far (torch, diffusers, the model's modules) lives as
+            # long as the process: out of the collector's sight, a full collection no
+            # longer walks it. Measured (bench_engines.py (c), 1,000 sessions): full
+            # collections of 290-330 ms, 35-95 ms frozen, each a stall of every session.
+            gc.freeze()
         logger.info(
             "engine %s batches up to %d UNet rows per step", engine.name, engine.policy.max_batch
         )

@@ -108,6 +108,13 @@ class Client(_Sender):
                 if predicate(message):
                     return got
 
+    async def ended(self, job_id: str, timeout: float = TIMEOUT) -> Any:
+        """The terminal message of ``job_id``: one received already, or the next."""
+        for message in self.received:
+            if is_terminal(message, job_id):
+                return message
+        return (await self.recv_until(lambda m: is_terminal(m, job_id), timeout))[-1]
+
     async def job_messages(self, job_id: str, timeout: float = TIMEOUT) -> list[Any]:
         """Every message about ``job_id`` up to its terminal one (others are kept)."""
         got = await self.recv_until(lambda m: is_terminal(m, job_id), timeout)

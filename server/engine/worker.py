@@ -117,6 +117,11 @@ class EngineWorker:
         return self._engine
 
     @property
+    def running_jobs(self) -> list[Job]:
+        """The jobs on this engine now, oldest first."""
+        return sorted((run.job for run in self._running.values()), key=lambda job: job.seq)
+
+    @property
     def alive(self) -> bool:
         """False from the loss of the engine until it answers again."""
         return self._alive

@@ -38,7 +38,7 @@ pytest.importorskip("ray", reason="the Ray engine tests need the latentcast[ray]
 
 PROMPT = "a lighthouse"
 #: Long enough to kill or cancel mid-way on any machine, short enough to finish.
-SLOW_JOB = {"steps": 60, "width": 128, "height": 128}
+SLOW_JOB = {"steps": 150, "width": 128, "height": 128}
 
 
 @asynccontextmanager
@@ -60,7 +60,7 @@ async def ray_server(model_cache: Path, address: str, **options: Any) -> AsyncIt
         async with asyncio.timeout(120):
             await server.wait_ready()
             # Both engines, so that every test knows where its jobs can go.
-            await wait_for(lambda: len(server._workers) == settings["engines"], timeout=120)
+            await wait_for(lambda: len(server.workers) == settings["engines"], timeout=120)
         yield server
 
 
@@ -78,8 +78,8 @@ def metric(server: Any, name: str, engine: str) -> float:
 
 def engine_of(server: Any, job_id: str) -> Any:
     """The worker whose engine runs ``job_id``."""
-    for worker in server._workers:
-        if any(run.job.id == job_id for run in worker._running.values()):
+    for worker in server.workers:
+        if any(job.id == job_id for job in worker.running_jobs):
             return worker
     raise AssertionError(f"{job_id} runs on no engine")
 
@@ -96,7 +96,7 @@ async def test_jobs_from_several_sessions_run_on_both_engines_with_the_embedded_
             await clients[k % 2].send(submit(job_id, **params))
         ends = {}
         for k, job_id in enumerate(jobs):
-            ends[job_id] = (await clients[k % 2].job_messages(job_id))[-1]
+            ends[job_id] = await clients[k % 2].ended(job_id)
         assert all(isinstance(end, Complete) for end in ends.values()), ends
         # max_batch 2: one guided job per engine at a time, so both engines ran jobs.
         for engine in ("ray-0", "ray-1"):
@@ -108,7 +108,7 @@ async def test_jobs_from_several_sessions_run_on_both_engines_with_the_embedded_
         client = await open_client(local.ws_url)
         for job_id, params in jobs.items():
             await client.send(submit(job_id, **params))
-            end = (await client.job_messages(job_id))[-1]
+            end = await client.ended(job_id)
             assert isinstance(end, Complete)
             assert end.images[0].data == ends[job_id].images[0].data, job_id
         await client.close()
@@ -123,9 +123,9 @@ async def test_a_cancel_reaches_the_job_on_its_actor(ray_cluster: str, model_cac
             lambda m: isinstance(m, Progress) and m.id == "long" and m.step >= 2
         )
         await client.send({"type": "cancel", "id": "long"})
-        long_end = (await client.job_messages("long"))[-1]
+        long_end = await client.ended("long")
         assert isinstance(long_end, Cancelled) and long_end.step < SLOW_JOB["steps"], long_end
-        assert isinstance((await client.job_messages("short"))[-1], Complete)
+        assert isinstance(await client.ended("short"), Complete)
         await client.close()
 
 
@@ -140,25 +140,29 @@ async def test_a_killed_engine_fails_exactly_its_running_jobs_and_comes_back(
         await client.recv_until(
             lambda m: isinstance(m, Progress) and m.id in ("j0", "j1") and m.step >= 2
         )
-        await wait_for(lambda: sum(len(w._running) for w in server._workers) == 2)
+        await wait_for(lambda: sum(len(w.running_jobs) for w in server.workers) == 2)
         victim = engine_of(server, "j0")
         lost = "j0"
         survivor = "j1"
         assert engine_of(server, survivor) is not victim
         os.kill(victim.engine.pid, signal.SIGKILL)
 
-        lost_end = (await client.job_messages(lost))[-1]
+        lost_end = await client.ended(lost)
         assert isinstance(lost_end, Error) and lost_end.code == "generation_failed", lost_end
         assert f"engine {victim.engine.name} was lost" in lost_end.message
         assert (await asyncio.to_thread(ready_status, http))[0] == 200, "one engine answers"
         for job_id in (survivor, "j2", "j3"):
-            end = (await client.job_messages(job_id))[-1]
+            try:
+                end = await client.ended(job_id)
+            except TimeoutError:
+                state = [(w.engine.name, w.alive, w.running_jobs) for w in server.workers]
+                raise AssertionError(f"{job_id} did not end; engines: {state}") from None
             assert isinstance(end, Complete), (job_id, end)
         # Ray restarts the killed actor; it loads the model again and takes jobs.
         await wait_for(lambda: victim.alive, timeout=120)
         assert metric(server, "latentcast_engine_alive", victim.engine.name) == 1
         await client.send(submit("after", steps=3))
-        assert isinstance((await client.job_messages("after"))[-1], Complete)
+        assert isinstance(await client.ended("after"), Complete)
         await client.close()
 
 
@@ -166,20 +170,20 @@ async def test_ready_says_no_engines_while_the_only_one_is_lost(
     ray_cluster: str, model_cache: Path
 ) -> None:
     async with ray_server(model_cache, ray_cluster, engines=1) as server:
-        (worker,) = server._workers
+        (worker,) = server.workers
         http = server.http_url
         client = await open_client(server.ws_url)
         await client.send(submit("doomed", **SLOW_JOB))
         await client.recv_until(lambda m: isinstance(m, Progress) and m.id == "doomed")
         os.kill(worker.engine.pid, signal.SIGKILL)
-        end = (await client.job_messages("doomed"))[-1]
+        end = await client.ended("doomed")
         assert isinstance(end, Error) and end.code == "generation_failed", end
         status, body = await asyncio.to_thread(ready_status, http)
         assert (status, body.get("reason")) == (503, "no engines"), (status, body)
         assert metric(server, "latentcast_engine_alive", "ray-0") == 0
         # A job accepted meanwhile waits for the engine, and runs once it is back.
         await client.send(submit("patient", steps=3))
-        assert isinstance((await client.job_messages("patient"))[-1], Complete)
+        assert isinstance(await client.ended("patient"), Complete)
         assert (await asyncio.to_thread(ready_status, http))[0] == 200
         await client.close()
 
@@ -241,7 +245,7 @@ async def test_serve_engines_drains_on_sigterm_and_stops_the_ray_runtime_it_star
         await client.send(submit("last", steps=12, width=128, height=128))
         await client.recv_until(lambda m: isinstance(m, Progress) and m.id == "last")
         served.signal(signal.SIGTERM)
-        end = (await client.job_messages("last"))[-1]
+        end = await client.ended("last")
         assert isinstance(end, Complete), end
         status, _ = await served.wait_exit(timeout=60)
         assert status == 0, "".join(served.log[-20:])
@@ -254,7 +258,7 @@ async def test_an_engine_that_dies_while_idle_is_noticed_and_comes_back(
     """An idle engine is checked every few seconds: /ready and /metrics know it is gone
     before any job finds out, and know it is back."""
     async with ray_server(model_cache, ray_cluster, engines=1) as server:
-        (worker,) = server._workers
+        (worker,) = server.workers
         http = server.http_url
         os.kill(worker.engine.pid, signal.SIGKILL)
 
