@@ -336,7 +336,9 @@ class Server:
         logger.info(
             "engine %s batches up to %d UNet rows per step", engine.name, engine.policy.max_batch
         )
-        worker = EngineWorker(engine, self.scheduler, self._encoder, self.metrics)
+        worker = EngineWorker(
+            engine, self.scheduler, self._encoder, self.metrics, peers=lambda: self._workers
+        )
         self._workers.append(worker)
         engine_loop = asyncio.create_task(worker.run(), name=f"engine-loop-{engine.name}")
         engine_loop.add_done_callback(self._engine_loop_ended)

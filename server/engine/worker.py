@@ -17,6 +17,7 @@ import itertools
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
@@ -98,8 +99,11 @@ class EngineWorker:
         scheduler: Scheduler,
         encoder: Executor,
         metrics: Metrics,
+        peers: Callable[[], Iterable[EngineWorker]] = tuple,
     ) -> None:
+        """``peers``: every engine's worker (this one included), for job placement."""
         self._engine = engine
+        self._peers = peers
         self._scheduler = scheduler
         self._encoder = encoder
         self._metrics = metrics
@@ -208,16 +212,22 @@ class EngineWorker:
     # ------------------------------------------------------------------ admission
 
     def _admit(self) -> list[JobSpec]:
-        """Take waiting jobs, in fairness order, while the batch policy lets them join."""
+        """Take waiting jobs, in fairness order, while the batch policy lets them join.
+
+        With several engines, a busy one leaves the next job to another engine whose
+        running group it can join (it takes it at that engine's next step boundary): a
+        shared UNet call instead of one more group taking turns here. An idle engine
+        takes any job at once.
+        """
         facts = self._engine.facts
         policy = self._engine.policy
-        groups: Counter[GroupKey] = Counter()
-        for run in self._running.values():
-            groups[run.group] += run.rows
+        groups = self.groups()
         specs = []
         while (job := self._scheduler.peek_next()) is not None:
             group, rows = facts.group_key(job.request), facts.job_rows(job.request)
             if not policy.admits(groups, group, rows):
+                break
+            if self._running and group not in groups and self._joinable_elsewhere(group, rows):
                 break
             self._scheduler.start_next()
             groups[group] += rows
@@ -233,6 +243,23 @@ class EngineWorker:
             specs.append(JobSpec(key, job.request))
         self._running_changed(len(specs))
         return specs
+
+    def groups(self) -> Counter[GroupKey]:
+        """Rows of each group running on this engine now."""
+        groups: Counter[GroupKey] = Counter()
+        for run in self._running.values():
+            groups[run.group] += run.rows
+        return groups
+
+    def _joinable_elsewhere(self, group: GroupKey, rows: int) -> bool:
+        """Another live engine runs ``group`` and has room for ``rows`` more in it."""
+        for peer in self._peers():
+            if peer is self or not peer.alive or peer.engine.facts != self._engine.facts:
+                continue
+            running = peer.groups()
+            if group in running and peer.engine.policy.admits(running, group, rows):
+                return True
+        return False
 
     # ------------------------------------------------------------------ events
 

@@ -274,3 +274,54 @@ async def test_an_engine_that_dies_while_idle_is_noticed_and_comes_back(
         await wait_for(lambda: worker.alive, timeout=120)
         assert await ready() == (200, None)
         assert metric(server, "latentcast_engine_alive", "ray-0") == 1
+
+
+async def test_the_first_engine_ready_makes_the_server_ready_while_another_waits(
+    ray_cluster: str, model_cache: Path
+) -> None:
+    """Three engines on a cluster with room for two: the third waits for a CPU slot that
+    never comes, and the server serves with the two that loaded (issue 10: an engine that
+    is slow to load does not hold up the others)."""
+    from latentcast.server.app import Server
+    from latentcast.server.config import ServerConfig
+
+    config = ServerConfig(
+        port=0, cache_dir=model_cache, cpu_threads=1, ray_address=ray_cluster, engines=3
+    )
+    async with Server(config) as server:
+        async with asyncio.timeout(120):
+            await server.wait_ready()
+        await wait_for(lambda: len(server.workers) == 2, timeout=120)
+        assert (await asyncio.to_thread(ready_status, server.http_url))[0] == 200
+        client = await open_client(server.ws_url)
+        await client.send(submit("served", steps=3))
+        assert isinstance(await client.ended("served"), Complete)
+        assert len(server.workers) == 2, "the third engine found no slot"
+        await client.close()
+
+
+async def test_a_job_goes_to_the_engine_whose_running_group_it_can_join(
+    ray_cluster: str, model_cache: Path
+) -> None:
+    """Both engines busy with jobs of different sizes: a job of the first size joins the
+    group of that size (a shared UNet call), whichever engine reaches a step boundary
+    first. Four placements: by chance all four would come out right one time in 16."""
+    long = {"steps": 150, "guidance_scale": 7.5}
+    async with ray_server(model_cache, ray_cluster, max_batch=3) as server:
+        client = await open_client(server.ws_url)
+        await client.send(submit("x", width=128, height=128, **long))
+        await client.recv_until(lambda m: isinstance(m, Progress) and m.id == "x")
+        await client.send(submit("y", width=192, height=192, **long))
+        await client.recv_until(lambda m: isinstance(m, Progress) and m.id == "y")
+        home, other = engine_of(server, "x"), engine_of(server, "y")
+        assert home is not other, "x and y should run on one engine each"
+        for k in range(4):
+            job_id = f"z{k}"
+            await client.send(submit(job_id, width=128, height=128, steps=150, guidance_scale=1))
+            await client.recv_until(lambda m, j=job_id: m.type == "started" and m.id == j)
+            assert engine_of(server, job_id) is home, f"{job_id} did not join x's group"
+            await client.send({"type": "cancel", "id": job_id})
+            assert isinstance(await client.ended(job_id), Cancelled)
+        for job_id in ("x", "y"):
+            await client.send({"type": "cancel", "id": job_id})
+        await client.close()
