@@ -86,3 +86,26 @@ def test_a_model_that_cannot_load_is_one_error_and_status_1(
     assert model in stderr
     # Nothing was served: nothing to drain.
     assert "draining" not in stderr and "drained" not in stderr, stderr
+
+
+def test_engines_without_ray_say_which_extra_to_install(tmp_path: Path) -> None:
+    """``--engines`` where Ray is not installed: one line naming the extra, status 1."""
+    hide_ray = (
+        "import sys; sys.modules['ray'] = None; "  # as if the ray extra were not installed
+        "from latentcast.server.cli import main; sys.exit(main())"
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LATENTCAST_")},
+        "LATENTCAST_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", hide_ray, "serve", "--engines", "2", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.count("pip install 'latentcast[ray]'") == 1, done.stderr
