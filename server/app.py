@@ -299,8 +299,16 @@ class Server:
         try:
             await asyncio.to_thread(runtime.start)
         except Exception as exc:  # noqa: BLE001 - reported, and the server stops
-            where = config.ray_address or "a local Ray runtime"
-            logger.error("could not start or join %s: %s", where, exc)
+            if config.ray_address is None:
+                logger.error("could not start a local Ray runtime: %s", exc)
+            else:
+                logger.error(
+                    "could not join the Ray cluster at %s: %s (is it running and reachable? a "
+                    "cluster with token authentication also needs RAY_AUTH_MODE=token and its "
+                    "token here: docs/deploy.md)",
+                    config.ray_address,
+                    exc,
+                )
             self._load_failed(exc)
             return
         self._ray = runtime
