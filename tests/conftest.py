@@ -68,16 +68,16 @@ def start_server(
     make a 0.1 s job take seconds here. (A server process keeps torch to the engine
     thread; the default thread count is measured in bench/bench_batching.py.)
 
-    With ``engine_kind`` "ray" (tests marked ``both_engines``) the engine is one Ray
-    actor on the session's local cluster instead: one engine, so a test's premises
-    (what runs, what waits) are the embedded engine's.
+    With ``engine_kind`` "ray" (tests marked ``both_engines``) the engines are Ray actors
+    on the session's local cluster instead: two, as ``serve --engines 2``, or one when the
+    test runs one job at a time (``max_batch=1``), whose premise is that a second job
+    waits.
     """
     from latentcast.server.app import Server
     from latentcast.server.config import ServerConfig
+    from tests.support import wait_for
 
-    ray_options: dict[str, Any] = {}
-    if engine_kind == "ray":
-        ray_options = {"ray_address": request.getfixturevalue("ray_cluster"), "engines": 1}
+    address = request.getfixturevalue("ray_cluster") if engine_kind == "ray" else None
 
     @asynccontextmanager
     async def start(**overrides: Any) -> AsyncIterator[Server]:
@@ -86,11 +86,15 @@ def start_server(
             "cache_dir": model_cache,
             "drain_timeout": 10.0,
             "cpu_threads": 1,
-            **ray_options,
         }
         options.update(overrides)
+        if address is not None:
+            # Two engines, as `serve --engines 2`; one for a test whose premise is one
+            # job at a time (--max-batch 1: a second job waits in the queue).
+            options.update(ray_address=address, engines=1 if options.get("max_batch") == 1 else 2)
         async with Server(ServerConfig(**options)) as server:
             await server.wait_ready()
+            await wait_for(lambda: len(server.workers) == max(1, options.get("engines", 0)))
             yield server
 
     return start
