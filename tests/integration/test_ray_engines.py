@@ -4,8 +4,8 @@ One cluster for the test session (the ``ray_cluster`` fixture: ``ray start --hea
 --block`` with 2 CPUs, as an operator starts one); every server here joins it
 (``ray_address``) with engine actors of the tiny model, each loading the model in its
 own process. The guarantees every engine must keep (order, fairness, cancel, replace,
-drain, slow readers) run against one Ray engine as well: the tests marked
-``both_engines`` in the other modules. What a client must see:
+drain, slow readers) run against Ray engines as well: the tests marked
+``both_engines`` in the other modules. What a client must see here:
 
 * jobs from several sessions run on both engines, each engine's images are the embedded
   engine's bytes (results encoded on the engine's side);
@@ -14,7 +14,10 @@ drain, slow readers) run against one Ray engine as well: the tests marked
   the queued jobs run on the other engine, Ray restarts the killed one, new jobs
   complete; ``/ready`` stays 200 while one engine answers and says ``no engines``
   while none does; ``/metrics`` says which engine is alive;
-* a model no engine can load is a failed start that says why.
+* a model no engine can load is a failed start that says why; the engines that load
+  serve while another still waits for room;
+* a job goes to the engine whose running group it can join;
+* ``serve --engines 2`` drains on SIGTERM and stops the Ray runtime it started.
 """
 
 from __future__ import annotations
