@@ -267,7 +267,7 @@ class Server:
         # loop's) thread would give it an OpenMP thread pool of its own for good, and with
         # more OpenMP threads than cores libgomp stops spin-waiting: every parallel op of
         # the engine would then pay futex wake-ups (measured: the (e) job 2.1-2.8 s instead
-        # of 1.6-1.8 s on 2 cores).
+        # of 1.5-1.8 s on 2 cores).
         max_batch = config.max_batch or default_max_batch(model.device.type)
         engine = await LocalEngine.start(self._thread, model, max_batch)
         self.model = model
@@ -339,7 +339,7 @@ class Server:
             # Everything loaded so far (torch, diffusers, the model's modules) lives as
             # long as the process: out of the collector's sight, a full collection no
             # longer walks it. Measured (bench_engines.py (c), 1,000 sessions): full
-            # collections of 290-330 ms, 35-95 ms frozen, each a stall of every session.
+            # collections of 270-350 ms, 35-105 ms frozen, each a stall of every session.
             gc.freeze()
         logger.info(
             "engine %s batches up to %d UNet rows per step", engine.name, engine.policy.max_batch
