@@ -317,16 +317,23 @@ class Server:
         logger.info(
             "starting %d engines (model %r, %s GPU each)", count, config.model, gpus or "no"
         )
-        starts = [RayEngine.start(f"ray-{index}", config, gpus=gpus) for index in range(count)]
+        starts = [
+            asyncio.create_task(RayEngine.start(f"ray-{index}", config, gpus=gpus))
+            for index in range(count)
+        ]
         errors: list[Exception] = []
-        for started in asyncio.as_completed(starts):
-            try:
-                engine = await started
-            except Exception as exc:  # noqa: BLE001 - one engine less; said in the log
-                logger.error("an engine could not start: %s", exc)
-                errors.append(exc)
-                continue
-            self._serve_engine(engine)
+        try:
+            for started in asyncio.as_completed(starts):
+                try:
+                    engine = await started
+                except Exception as exc:  # noqa: BLE001 - one engine less; said in the log
+                    logger.error("an engine could not start: %s", exc)
+                    errors.append(exc)
+                    continue
+                self._serve_engine(engine)
+        finally:
+            for start in starts:  # closed while engines were still loading
+                start.cancel()
         if len(errors) == count:
             logger.error("could not load model %r on any engine", config.model)
             self._load_failed(errors[0])
