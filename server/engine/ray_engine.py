@@ -93,8 +93,13 @@ class EngineActor:
         for event in events:
             if isinstance(event, JobFinished):
                 request = self._requests.pop(event.key)
-                results = encode_results(event.images, request.output, request.seed)
-                event = JobFinished(event.key, images=[], results=results)
+                try:
+                    results = encode_results(event.images, request.output, request.seed)
+                except Exception as exc:  # this job fails, the engine goes on
+                    logger.exception("job %s: encoding failed", event.key)
+                    event = JobFailed(event.key, f"encoding failed: {exc}")
+                else:
+                    event = JobFinished(event.key, images=[], results=results)
             elif isinstance(event, JobStopped | JobFailed):
                 self._requests.pop(event.key, None)
             out.append(event)
@@ -117,7 +122,8 @@ class RayEngine:
         """Create the actor and wait until its model is loaded.
 
         Raises:
-            EngineLost: the actor could not load the model (its error says why).
+            RuntimeError: the actor could not load the model (the message says why); the
+                actor is ended, not restarted.
         """
         actor_class = ray.remote(EngineActor)
         actor = actor_class.options(
