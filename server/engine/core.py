@@ -101,6 +101,13 @@ class EngineCore:
             return []
         return [JobStopped(key, job.done)]
 
+    def add_all(self, specs: Sequence[JobSpec]) -> list[EngineEvent]:
+        """:meth:`add` each of ``specs``, in order."""
+        events: list[EngineEvent] = []
+        for spec in specs:
+            events += self.add(spec)
+        return events
+
     def abort_all(self, keys: Sequence[Hashable]) -> list[EngineEvent]:
         """:meth:`abort` each of ``keys``."""
         events: list[EngineEvent] = []

@@ -36,12 +36,8 @@ class LocalEngine:
         core, facts = await thread.call(build)
         return cls(thread, core, facts)
 
-    @property
-    def core(self) -> EngineCore:
-        return self._core
-
     async def add(self, specs: Sequence[JobSpec]) -> list[EngineEvent]:
-        return await self._thread.call(self._add_all, list(specs))
+        return await self._thread.call(self._core.add_all, list(specs))
 
     async def abort(self, keys: Sequence[Hashable]) -> list[EngineEvent]:
         return await self._thread.call(self._core.abort_all, list(keys))
@@ -54,10 +50,3 @@ class LocalEngine:
 
     async def recover(self) -> None:
         """Never needed: the embedded engine does not raise ``EngineLost``."""
-
-    def _add_all(self, specs: list[JobSpec]) -> list[EngineEvent]:
-        """On the engine thread: phase 1 of each admitted job."""
-        events: list[EngineEvent] = []
-        for spec in specs:
-            events += self._core.add(spec)
-        return events

@@ -72,11 +72,8 @@ class EngineActor:
         return os.getpid()
 
     def add(self, specs: list[JobSpec]) -> list[EngineEvent]:
-        events: list[EngineEvent] = []
-        for spec in specs:
-            self._requests[spec.key] = spec.request
-            events += self._core.add(spec)
-        return self._outgoing(events)
+        self._requests.update((spec.key, spec.request) for spec in specs)
+        return self._outgoing(self._core.add_all(specs))
 
     def abort(self, keys: list[Hashable]) -> list[EngineEvent]:
         return self._outgoing(self._core.abort_all(keys))
