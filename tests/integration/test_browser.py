@@ -306,7 +306,8 @@ async def test_token_from_page_url(start_server) -> None:
         frames = Frames()
         async with open_page(browser, server.http_url + "/?token=s3cret", frames) as page:
             await page.wait_for_selector("body[data-conn=open]")
-            assert frames.urls == [server.ws_url + "?token=s3cret"]
+            # The token, then the ask for a resumable session (PROTOCOL.md section 2a).
+            assert frames.urls == [server.ws_url + "?token=s3cret&resumable=1"]
             assert frames.received[0]["type"] == "welcome"
             assert await page.is_enabled("#generate")
 

@@ -10,6 +10,12 @@
 // #preview[data-step] and [data-previews] change each time a preview is drawn;
 // #stage.stale with #stage-note marks what a cancelled or failed job left on the stage;
 // window.latentcast.latentToRgba is the pure latent decoder.
+//
+// The session is resumable (PROTOCOL.md section 2a): the page asks for ?resumable=1 and
+// keeps the resume token, the last seq it processed and the current job in
+// sessionStorage. A dropped connection is taken over again with ?resume=<token>&after=<seq>
+// (messages already processed are skipped by seq); a reloaded page resumes with after=0,
+// so the server replays what it kept of the current job and the page shows it again.
 
 import { Decoder, Encoder } from "@msgpack/msgpack";
 
@@ -19,6 +25,8 @@ const decoder = new Decoder();
 const $ = (id) => document.getElementById(id);
 const el = {
   form: $("form"),
+  model: $("model"),
+  modelField: $("model-field"),
   prompt: $("prompt"),
   negative: $("negative"),
   steps: $("steps"),
@@ -32,6 +40,13 @@ const el = {
   live: $("live"),
   img2img: $("img2img"),
   useSketch: $("use-sketch"),
+  sketchAs: $("sketch-as"),
+  strengthField: $("strength-field"),
+  controlFields: $("control-fields"),
+  controlName: $("control-name"),
+  controlInvert: $("control-invert"),
+  controlScale: $("control-scale"),
+  controlScaleOut: $("control-scale-out"),
   sketch: $("sketch"),
   brushColor: $("brush-color"),
   brushSize: $("brush-size"),
@@ -68,7 +83,12 @@ const FIELD_INPUTS = {
   "params.guidance_scale": "guidance",
   "params.strength": "strength",
   "params.init_image": "sketch",
+  "params.model": "model",
+  "params.controls": "control-name",
 };
+
+// Where the page keeps what a reload needs to take its session over again.
+const RESUME_KEY = "latentcast.resume";
 
 const token = new URLSearchParams(location.search).get("token");
 
@@ -84,6 +104,11 @@ const app = {
   frameRequested: false,
   resultUrl: null,
   liveTimer: 0,
+  // Resumable session: the token of the latest welcome, the last seq processed, and
+  // what to ask for on the next connection ({token, after} or null).
+  resumeToken: null,
+  seq: 0,
+  resume: null,
 };
 
 // ------------------------------------------------------------------ connection
@@ -95,7 +120,43 @@ function wsUrl() {
   url.search = "";
   url.hash = "";
   if (token) url.searchParams.set("token", token);
+  if (app.resume) {
+    url.searchParams.set("resume", app.resume.token);
+    url.searchParams.set("after", String(app.resume.after));
+  } else {
+    url.searchParams.set("resumable", "1");
+  }
   return url.href;
+}
+
+// ------------------------------------------------------------------ resuming
+
+function saveResumeState() {
+  if (!app.resumeToken) return;
+  const current = app.current && app.unfinished.has(app.current.id) ? { id: app.current.id } : null;
+  try {
+    sessionStorage.setItem(RESUME_KEY, JSON.stringify({ token: app.resumeToken, seq: app.seq, current }));
+  } catch {
+    // storage full or disabled: a reload then starts a new session
+  }
+}
+
+// A reloaded page: take the session over, replaying everything the server kept (after=0),
+// since nothing of it is on this page yet.
+function restoreResumeState() {
+  let saved = null;
+  try {
+    saved = JSON.parse(sessionStorage.getItem(RESUME_KEY) || "null");
+  } catch {
+    saved = null;
+  }
+  if (!saved || typeof saved.token !== "string") return;
+  app.resume = { token: saved.token, after: 0 };
+  if (saved.current && typeof saved.current.id === "string") {
+    app.current = { id: saved.current.id, state: "submitting", drawnStep: 0, note: "", restored: true };
+    app.unfinished.add(saved.current.id);
+    el.status.dataset.job = saved.current.id;
+  }
 }
 
 function setConn(state, text) {
@@ -122,6 +183,10 @@ function connect() {
       return;
     }
     if (message && typeof message === "object" && typeof message.type === "string") {
+      if (typeof message.seq === "number") {
+        if (message.seq <= app.seq) return; // already processed before the connection dropped
+        app.seq = message.seq;
+      }
       handle(message);
     }
   };
@@ -130,15 +195,21 @@ function connect() {
     app.ws = null;
     app.welcome = null;
     el.generate.disabled = true;
-    app.unfinished.clear();
-    if (app.current && !TERMINAL.has(app.current.state)) {
-      setJobState("error", "The connection closed before the job ended.");
-      if (app.current.drawnStep > 0) markStage("Interrupted");
+    // 1001: the server shut down, 1008: it sent this client away; anything else is a
+    // dropped connection that the session outlives for a while (section 2a).
+    const resumable = app.resumeToken && event.code !== 1001 && event.code !== 1008;
+    if (resumable) {
+      app.resume = { token: app.resumeToken, after: app.seq };
+    } else {
+      app.resume = null;
+      app.resumeToken = null;
+      jobsLost("The connection closed before the job ended.");
     }
     el.cancel.disabled = true;
     updateGenerate();
     if (el.status.dataset.state === "idle") el.status.textContent = "Not connected: waiting for the server…";
-    const delay = Math.min(10_000, 500 * 2 ** app.retries++);
+    const delay = resumable && app.retries === 0 ? 100 : Math.min(10_000, 500 * 2 ** app.retries++);
+    if (resumable && app.retries === 0) app.retries = 1;
     const retry = `retrying in ${Math.round(delay / 1000)} s`;
     setTimeout(connect, delay);
     if (opened) {
@@ -177,6 +248,7 @@ function send(message) {
 function handle(message) {
   dispatch(message);
   updateGenerate();
+  if (app.resumeToken && message.type !== "progress" && message.type !== "preview") saveResumeState();
 }
 
 function dispatch(message) {
@@ -192,6 +264,7 @@ function dispatch(message) {
       return;
     case "accepted":
     case "queued":
+      if (message.type === "accepted" && job && !TERMINAL.has(job.state)) app.unfinished.add(message.id);
       if (job && job.state !== "running" && !TERMINAL.has(job.state)) {
         const ahead = message.position;
         setJobState("queued", withNote(job, ahead > 0 ? `Queued: ${ahead} job(s) ahead.` : "Starting…"));
@@ -201,6 +274,13 @@ function dispatch(message) {
       if (job) onStarted(job, message);
       return;
     case "progress":
+      if (job && job.restored && !TERMINAL.has(job.state) && job.state !== "running") {
+        // A page reloaded after the job's start was out of the replay window.
+        job.state = "running";
+        job.steps = message.steps;
+        el.status.dataset.state = "running";
+        el.cancel.disabled = false;
+      }
       if (job && job.state === "running") {
         el.progress.max = message.steps;
         el.progress.value = message.step;
@@ -237,16 +317,24 @@ function dispatch(message) {
 }
 
 function onWelcome(welcome) {
+  const resuming = app.resume !== null;
   app.welcome = welcome;
   app.retries = 0;
-  const { model, limits, defaults } = welcome;
-  setConn("open", `${model.name} (${model.family}) · ${welcome.server}`);
-
-  const previous = el.scheduler.value;
-  el.scheduler.replaceChildren(
-    ...model.schedulers.map((name) => new Option(name, name, false, name === defaults.scheduler)),
-  );
-  if (model.schedulers.includes(previous)) el.scheduler.value = previous;
+  app.resume = null;
+  app.resumeToken = typeof welcome.resume_token === "string" ? welcome.resume_token : null;
+  if (!welcome.resumed) {
+    app.seq = 0;
+    if (resuming) jobsLost("The session expired while the page was away: its jobs were cancelled.");
+  }
+  saveResumeState();
+  const { limits, defaults } = welcome;
+  const models = Array.isArray(welcome.models) && welcome.models.length ? welcome.models : [welcome.model];
+  const chosen = el.model.value;
+  el.model.replaceChildren(...models.map((info) => new Option(info.name, info.name)));
+  if (models.some((info) => info.name === chosen)) el.model.value = chosen;
+  el.modelField.hidden = models.length < 2;
+  const model = selectedModel();
+  setConn("open", `${welcome.model.name} (${welcome.model.family}) · ${welcome.server}`);
 
   el.steps.max = limits.max_steps;
   el.width.max = limits.max_width;
@@ -261,17 +349,67 @@ function onWelcome(welcome) {
     el.guidanceOut.value = Number(defaults.guidance_scale).toFixed(1);
     resizeSketch();
   }
-  const latentOption = el.previewKind.querySelector('option[value="latent"]');
-  latentOption.disabled = !model.latent_rgb;
-  if (!model.latent_rgb && el.previewKind.value === "latent") el.previewKind.value = "image";
   if (el.status.dataset.state === "idle") {
     el.status.textContent = `Ready: ${model.name} (${model.family}). Type a prompt and press Generate.`;
   }
-
-  const canImg2img = model.modes.includes("img2img");
-  el.img2img.disabled = !canImg2img;
-  if (!canImg2img) el.useSketch.checked = false;
+  showModel(defaults);
   el.generate.disabled = false;
+}
+
+// The model chosen in the selector (the default one when there is no choice).
+function selectedModel() {
+  const welcome = app.welcome;
+  const models = Array.isArray(welcome.models) && welcome.models.length ? welcome.models : [welcome.model];
+  return models.find((info) => info.name === el.model.value) || welcome.model;
+}
+
+// Every rule is the chosen model's: its schedulers, modes, ControlNets and preview factors.
+function showModel(defaults = app.welcome.defaults) {
+  const model = selectedModel();
+  const previous = el.scheduler.value;
+  const fallback = model.schedulers.includes(defaults.scheduler) ? defaults.scheduler : model.schedulers[0];
+  el.scheduler.replaceChildren(
+    ...model.schedulers.map((name) => new Option(name, name, false, name === fallback)),
+  );
+  if (model.schedulers.includes(previous)) el.scheduler.value = previous;
+
+  const latentOption = el.previewKind.querySelector('option[value="latent"]');
+  latentOption.disabled = !model.latent_rgb;
+  if (!model.latent_rgb && el.previewKind.value === "latent") el.previewKind.value = "image";
+
+  const controls = (app.welcome.features || []).includes("controls") ? model.controlnets || [] : [];
+  const chosenControl = el.controlName.value;
+  el.controlName.replaceChildren(...controls.map((name) => new Option(name, name)));
+  if (controls.includes(chosenControl)) el.controlName.value = chosenControl;
+  const canImg2img = model.modes.includes("img2img");
+  el.sketchAs.querySelector('option[value="img2img"]').disabled = !canImg2img;
+  el.sketchAs.querySelector('option[value="control"]').disabled = controls.length === 0;
+  if (el.sketchAs.selectedOptions[0]?.disabled) {
+    el.sketchAs.value = canImg2img ? "img2img" : "control";
+  }
+  el.img2img.disabled = !canImg2img && controls.length === 0;
+  if (el.img2img.disabled) el.useSketch.checked = false;
+  showSketchUse();
+}
+
+function showSketchUse() {
+  const control = el.sketchAs.value === "control";
+  el.strengthField.hidden = control;
+  el.controlFields.hidden = !control;
+}
+
+// The jobs of a session that is gone: the current one ends here with an error.
+function jobsLost(text) {
+  app.unfinished.clear();
+  if (app.current && !TERMINAL.has(app.current.state)) {
+    setJobState("error", text);
+    if (app.current.drawnStep > 0) markStage("Interrupted");
+  }
+  try {
+    sessionStorage.removeItem(RESUME_KEY);
+  } catch {
+    // nothing kept
+  }
 }
 
 function onStarted(job, message) {
@@ -325,9 +463,8 @@ async function onComplete(job, message) {
 function onError(job, message) {
   if (typeof message.id === "string") app.unfinished.delete(message.id);
   if (job) {
-    if (message.field && FIELD_INPUTS[message.field]) {
-      $(FIELD_INPUTS[message.field]).classList.add("invalid");
-    }
+    const input = message.field && (FIELD_INPUTS[message.field] || FIELD_INPUTS[message.field.split(".").slice(0, 2).join(".")]);
+    if (input) $(input).classList.add("invalid");
     const where = message.field ? ` [${message.field}]` : "";
     setJobState("error", `${message.code}${where}: ${message.message}`);
     if (job.drawnStep > 0) markStage(`Failed: ${message.code}`);
@@ -470,7 +607,8 @@ function latentToRgba(shape, data, rgb, dtype = "float16") {
 }
 
 function latentToCanvas(message) {
-  const rgb = app.welcome && app.welcome.model.latent_rgb;
+  const job = app.current;
+  const rgb = job && job.model ? job.model.latent_rgb : app.welcome && app.welcome.model.latent_rgb;
   const pixels = latentToRgba(message.shape, message.data, rgb, message.dtype);
   if (!pixels) {
     console.warn("latentcast: latent preview does not fit the model's latent_rgb", message.shape);
@@ -519,9 +657,24 @@ async function submit() {
       return;
     }
   }
+  const model = selectedModel();
+  if ((app.welcome.features || []).includes("models")) params.model = model.name;
   if (el.useSketch.checked && !el.img2img.disabled) {
-    params.init_image = await sketchPng(params.width, params.height);
-    params.strength = Number(el.strength.value);
+    const image = await sketchPng(params.width, params.height);
+    if (el.sketchAs.value === "control") {
+      // A scribble: the ControlNet steers the picture; the model starts from noise.
+      params.controls = [
+        {
+          name: el.controlName.value,
+          image,
+          scale: Number(el.controlScale.value),
+          preprocess: el.controlInvert.checked ? "invert" : "none",
+        },
+      ];
+    } else {
+      params.init_image = image;
+      params.strength = Number(el.strength.value);
+    }
     // Only the newest of overlapping submits (live mode) goes out.
     if (generation !== app.submitGeneration) return;
   }
@@ -542,7 +695,7 @@ async function submit() {
   if (!send(message)) return;
 
   app.unfinished.add(message.id);
-  app.current = { id: message.id, state: "submitting", drawnStep: 0, note };
+  app.current = { id: message.id, state: "submitting", drawnStep: 0, note, model };
   el.status.dataset.job = message.id;
   app.pendingPreview = null;
   el.preview.dataset.previews = "0";
@@ -550,6 +703,7 @@ async function submit() {
   el.progress.value = 0;
   setJobState("submitting", withNote(app.current, "Submitted…"));
   updateGenerate();
+  saveResumeState();
 }
 
 function cancel() {
@@ -708,10 +862,15 @@ el.guidance.addEventListener("input", () => {
 el.strength.addEventListener("input", () => {
   el.strengthOut.value = Number(el.strength.value).toFixed(2);
 });
+el.controlScale.addEventListener("input", () => {
+  el.controlScaleOut.value = Number(el.controlScale.value).toFixed(2);
+});
+el.model.addEventListener("change", () => showModel());
+el.sketchAs.addEventListener("change", showSketchUse);
 for (const input of [el.width, el.height]) input.addEventListener("change", resizeSketch);
 // Live mode: typing re-submits (debounced); other fields when they are changed.
 for (const input of [el.prompt, el.negative]) input.addEventListener("input", liveChanged);
-for (const input of [el.steps, el.width, el.height, el.seed, el.scheduler, el.guidance, el.previewKind, el.strength, el.useSketch]) {
+for (const input of [el.model, el.steps, el.width, el.height, el.seed, el.scheduler, el.guidance, el.previewKind, el.strength, el.useSketch, el.sketchAs, el.controlName, el.controlInvert, el.controlScale]) {
   input.addEventListener("change", liveChanged);
 }
 el.live.addEventListener("change", liveChanged);
@@ -720,4 +879,5 @@ el.live.addEventListener("change", liveChanged);
 window.latentcast = { latentToRgba };
 
 fillBackground();
+restoreResumeState();
 connect();
