@@ -553,6 +553,9 @@ def validate_client_message(
     if model is None:
         known = ", ".join(sorted(CLIENT_MESSAGE_TYPES))
         raise UnknownType(f"unknown message type {quoted(kind)} (known: {known})", id=message_id)
+    if rules is not None and kind == "submit" and isinstance(value.get("params"), dict):
+        # Every rule but the model's own name is the chosen model's (PROTOCOL.md 3).
+        rules = rules.choosing(value["params"].get("model"))
     try:
         return model.model_validate(value, context=rules)
     except ValidationError as exc:

@@ -12,7 +12,8 @@ working when a newer server adds fields.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -28,6 +29,7 @@ from .errors import quoted
 from .limits import (
     DEFAULT_OUTPUT_QUALITY,
     JOB_ID_PATTERN,
+    MAX_CONTROL_SCALE,
     MAX_GUIDANCE_SCALE,
     MAX_LORA_SCALE,
     MAX_LORAS,
@@ -45,15 +47,47 @@ PreviewKind = Literal["none", "latent", "image"]
 PreviewFormat = Literal["jpeg", "webp"]
 OutputFormat = Literal["png", "jpeg", "webp"]
 CancelReason = Literal["client", "replaced", "disconnect"]
+ControlPreprocess = Literal["none", "canny", "invert"]
+
+
+@dataclass(frozen=True)
+class ModelRules:
+    """The names a submit may choose on one model."""
+
+    schedulers: tuple[str, ...] = ()
+    loras: tuple[str, ...] = ()
+    controlnets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class SubmitRules:
-    """What a server checks a submit against beyond the fixed rules of the protocol."""
+    """What a server checks a submit against beyond the fixed rules of the protocol.
+
+    ``schedulers``, ``loras`` and ``controlnets`` are those of the model being checked
+    against. ``models`` maps every model a submit may name in ``params.model`` to its rules
+    (the default model included); empty means ``params.model`` is not checked against
+    names. Since every other rule depends on the model, the codec validates a submit
+    against :meth:`choosing` its ``params.model`` first.
+    """
 
     limits: Limits = field(default_factory=Limits)
     schedulers: tuple[str, ...] = ()
     loras: tuple[str, ...] = ()
+    controlnets: tuple[str, ...] = ()
+    models: Mapping[str, ModelRules] = field(default_factory=dict, hash=False, compare=False)
+
+    def choosing(self, model: object) -> SubmitRules:
+        """These rules with the names of ``model`` (a name in ``models``; else unchanged:
+        the ``params.model`` check reports an unknown name)."""
+        chosen = self.models.get(model) if isinstance(model, str) else None
+        if chosen is None:
+            return self
+        return replace(
+            self,
+            schedulers=chosen.schedulers,
+            loras=chosen.loras,
+            controlnets=chosen.controlnets,
+        )
 
 
 def _rules(info: ValidationInfo) -> SubmitRules | None:
@@ -94,9 +128,42 @@ class LoraRef(_ClientModel):
         return name
 
 
-class GenerationParams(_ClientModel):
-    """``submit.params``. Optional values left ``None`` take the server's defaults."""
+class ControlRef(_ClientModel):
+    """One entry of ``params.controls``: a ControlNet steering the job (feature "controls")."""
 
+    name: str
+    image: bytes
+    scale: float = Field(default=1.0, ge=0.0, le=MAX_CONTROL_SCALE, allow_inf_nan=False)
+    start: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    end: float = Field(default=1.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    preprocess: ControlPreprocess = "none"
+
+    @field_validator("name")
+    @classmethod
+    def _known_controlnet(cls, name: str, info: ValidationInfo) -> str:
+        rules = _rules(info)
+        if rules is not None and name not in rules.controlnets:
+            known = ", ".join(rules.controlnets) or "none"
+            raise ValueError(f"unknown ControlNet {quoted(name)} (this model has: {known})")
+        return name
+
+    @field_validator("end")
+    @classmethod
+    def _after_start(cls, end: float, info: ValidationInfo) -> float:
+        start = info.data.get("start")
+        if start is not None and end <= start:
+            raise ValueError(f"must be greater than start ({start}), got {end}")
+        return end
+
+
+class GenerationParams(_ClientModel):
+    """``submit.params``. Optional values left ``None`` take the server's defaults.
+
+    ``model`` comes first: every other rule is the chosen model's, so an unknown model is
+    the first thing reported (the codec checks the rest against that model's names).
+    """
+
+    model: str | None = None
     prompt: str
     negative_prompt: str = ""
     width: int | None = None
@@ -112,6 +179,9 @@ class GenerationParams(_ClientModel):
     strength: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     mask: bytes | None = None
     loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
+    #: Left out of an encoded submit when empty, so that a client that uses no control
+    #: can still talk to a server that predates the feature.
+    controls: list[ControlRef] = Field(default_factory=list, exclude_if=lambda value: not value)
 
     @property
     def mode(self) -> GenerationMode:
@@ -119,6 +189,16 @@ class GenerationParams(_ClientModel):
         if self.init_image is None:
             return "txt2img"
         return "inpaint" if self.mask is not None else "img2img"
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str | None, info: ValidationInfo) -> str | None:
+        rules = _rules(info)
+        if name is not None and rules is not None and rules.models and name not in rules.models:
+            raise ValueError(
+                f"unknown model {quoted(name)} (this server has: {', '.join(rules.models)})"
+            )
+        return name
 
     @field_validator("prompt", "negative_prompt")
     @classmethod
@@ -174,6 +254,22 @@ class GenerationParams(_ClientModel):
         if rules is not None and count > rules.limits.max_images:
             raise ValueError(f"must be at most {rules.limits.max_images}, got {count}")
         return count
+
+    @field_validator("controls", mode="before")
+    @classmethod
+    def _control_count(cls, controls: Any, info: ValidationInfo) -> Any:
+        # Counted before the entries are validated: "too many" is the error to report.
+        rules = _rules(info)
+        if (
+            rules is not None
+            and isinstance(controls, list)
+            and len(controls) > rules.limits.max_controls
+        ):
+            raise ValueError(
+                f"has {len(controls)} entries; at most {rules.limits.max_controls} allowed"
+                " (limits.max_controls)"
+            )
+        return controls
 
     @field_validator("strength", "mask")
     @classmethod

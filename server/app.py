@@ -43,6 +43,7 @@ from latentcast.protocol import (
     ErrorCode,
     LatentRGBInfo,
     ModelInfo,
+    ModelRules,
     SubmitRules,
 )
 
@@ -405,7 +406,12 @@ class Server:
         return SessionContext(
             config=config,
             server_name=f"latentcast/{__version__}",
-            rules=SubmitRules(limits=limits, schedulers=model.schedulers, loras=model.loras),
+            rules=SubmitRules(
+                limits=limits,
+                schedulers=model.schedulers,
+                loras=model.loras,
+                models={model.name: ModelRules(schedulers=model.schedulers, loras=model.loras)},
+            ),
             defaults=Defaults(
                 width=min(model.default_size, limits.max_width),
                 height=min(model.default_size, limits.max_height),

@@ -50,6 +50,7 @@ from latentcast.protocol import (
     LatentPreview,
     LatentRGBInfo,
     LoraRef,
+    ModelRules,
     PreviewRequest,
     ProtocolError,
     Submit,
@@ -97,6 +98,15 @@ class Client:
             limits=welcome.limits,
             schedulers=tuple(welcome.model.schedulers),
             loras=tuple(welcome.model.loras),
+            controlnets=tuple(welcome.model.controlnets),
+            models={
+                info.name: ModelRules(
+                    schedulers=tuple(info.schedulers),
+                    loras=tuple(info.loras),
+                    controlnets=tuple(info.controlnets),
+                )
+                for info in welcome.models
+            },
         )
         self._jobs: dict[str, Job] = {}
         self._ids = itertools.count(1)

@@ -25,6 +25,7 @@ from latentcast.protocol import (
     InvalidRequest,
     Limits,
     LoraRef,
+    ModelRules,
     OutputRequest,
     PreviewRequest,
     ProtocolError,
@@ -32,6 +33,7 @@ from latentcast.protocol import (
     SubmitRules,
     UnknownType,
     decode_client_message,
+    encode_message,
 )
 from latentcast.protocol.limits import JOB_ID_MAX_LENGTH, MAX_SEED
 
@@ -513,6 +515,103 @@ def test_lora_name_must_be_one_of_the_servers() -> None:
     error = invalid(submit({"loras": [{"name": "detail"}, {"name": "other"}]}))
     assert error.field == "params.loras.1.name"
     assert "other" in error.message
+
+
+MODEL_RULES = SubmitRules(
+    limits=Limits(max_controls=2),
+    schedulers=("euler",),
+    loras=("detail",),
+    controlnets=("scribble",),
+    models={
+        "fast": ModelRules(schedulers=("euler",), loras=("detail",), controlnets=("scribble",)),
+        "xl": ModelRules(schedulers=("ddim",), loras=(), controlnets=("depth",)),
+    },
+)
+
+
+def test_model_must_be_one_of_the_servers() -> None:
+    assert decode_submit(submit({"model": "xl"}), MODEL_RULES).params.model == "xl"
+    assert decode_submit(submit(), MODEL_RULES).params.model is None
+    error = invalid(submit({"model": "sdxl"}), MODEL_RULES)
+    assert error.field == "params.model"
+    assert "sdxl" in error.message and "fast, xl" in error.message
+    # Without named models (a client that has no welcome) any name passes.
+    assert decode_submit(submit({"model": "anything"}), RULES).params.model == "anything"
+
+
+def test_model_is_checked_before_every_rule_that_depends_on_it() -> None:
+    # An unknown model is reported even when a field earlier on the page is wrong too.
+    assert field_of(submit({"model": "nope", "width": 7}), MODEL_RULES) == "params.model"
+
+
+def test_other_rules_are_the_chosen_models() -> None:
+    # ddim and the depth ControlNet are xl's, not the default model's, and the reverse.
+    xl = {"model": "xl", "scheduler": "ddim", "controls": [{"name": "depth", "image": b"x"}]}
+    assert decode_submit(submit(xl), MODEL_RULES).params.scheduler == "ddim"
+    assert field_of(submit({"scheduler": "ddim"}), MODEL_RULES) == "params.scheduler"
+    assert field_of(submit({"model": "xl", "scheduler": "euler"}), MODEL_RULES) == (
+        "params.scheduler"
+    )
+    assert field_of(submit({"model": "xl", "loras": [{"name": "detail"}]}), MODEL_RULES) == (
+        "params.loras.0.name"
+    )
+    scribble = [{"name": "scribble", "image": b"x"}]
+    assert field_of(submit({"model": "xl", "controls": scribble}), MODEL_RULES) == (
+        "params.controls.0.name"
+    )
+    assert decode_submit(submit({"model": "fast", "controls": scribble}), MODEL_RULES)
+
+
+def test_controls_are_parsed_with_their_defaults() -> None:
+    params = decode_submit(
+        submit({"controls": [{"name": "scribble", "image": b"png"}]}), MODEL_RULES
+    ).params
+    (control,) = params.controls
+    assert (control.name, control.image, control.scale) == ("scribble", b"png", 1.0)
+    assert (control.start, control.end, control.preprocess) == (0.0, 1.0, "none")
+    assert decode_submit(submit(), MODEL_RULES).params.controls == []
+
+
+@pytest.mark.parametrize(
+    ("control", "field"),
+    [
+        ({"name": "nope", "image": b"x"}, "params.controls.0.name"),
+        ({"image": b"x"}, "params.controls.0.name"),
+        ({"name": "scribble"}, "params.controls.0.image"),
+        ({"name": "scribble", "image": "x"}, "params.controls.0.image"),
+        ({"name": "scribble", "image": b"x", "scale": 2.5}, "params.controls.0.scale"),
+        ({"name": "scribble", "image": b"x", "scale": -0.1}, "params.controls.0.scale"),
+        ({"name": "scribble", "image": b"x", "start": 0.5, "end": 0.5}, "params.controls.0.end"),
+        ({"name": "scribble", "image": b"x", "start": 0.6, "end": 0.2}, "params.controls.0.end"),
+        ({"name": "scribble", "image": b"x", "end": 1.5}, "params.controls.0.end"),
+        ({"name": "scribble", "image": b"x", "start": -1}, "params.controls.0.start"),
+        (
+            {"name": "scribble", "image": b"x", "preprocess": "depth"},
+            "params.controls.0.preprocess",
+        ),
+        ({"name": "scribble", "image": b"x", "weight": 1}, "params.controls.0.weight"),
+    ],
+)
+def test_bad_controls_name_their_field(control: dict[str, Any], field: str) -> None:
+    assert field_of(submit({"controls": [control]}), MODEL_RULES) == field
+
+
+def test_too_many_controls_is_reported_before_their_contents() -> None:
+    three = [{"name": "nope", "image": b"x"}] * 3
+    error = invalid(submit({"controls": three}), MODEL_RULES)
+    assert error.field == "params.controls"
+    assert "at most 2" in error.message
+    # A server without the feature announces max_controls 0: any control is too many.
+    assert field_of(submit({"controls": three[:1]}), RULES) == "params.controls"
+
+
+def test_an_encoded_submit_without_controls_has_no_controls_key() -> None:
+    # So that a client using no controls still talks to a server that predates them.
+    wire = msgpack.unpackb(
+        encode_message(Submit(id="a", params=GenerationParams(prompt="p"))), raw=False
+    )
+    assert "controls" not in wire["params"]
+    assert "model" not in wire["params"]
 
 
 def test_limits_come_from_the_rules() -> None:
