@@ -59,6 +59,7 @@ from .engine import (
 )
 from .metrics import Metrics
 from .models import LoadedModel, load_model
+from .models.controlnets import MAX_CONTROLS_PER_JOB
 from .scheduler import Scheduler
 from .session import Session, SessionContext
 from .transport import WS_PATH, HttpFront, ServerStatus
@@ -394,6 +395,7 @@ class Server:
             modes=list(model.modes),
             schedulers=list(model.schedulers),
             loras=list(model.loras),
+            controlnets=list(model.controlnets),
             latent_channels=model.latent_channels,
             vae_scale_factor=model.vae_scale_factor,
             latent_rgb=(
@@ -402,7 +404,12 @@ class Server:
                 else None
             ),
         )
-        limits = config.limits()
+        limits = config.limits().model_copy(
+            update={"max_controls": MAX_CONTROLS_PER_JOB if model.controlnets else 0}
+        )
+        features = ("batching",) if batching else ()
+        if model.controlnets:
+            features += ("controls",)
         return SessionContext(
             config=config,
             server_name=f"latentcast/{__version__}",
@@ -410,7 +417,14 @@ class Server:
                 limits=limits,
                 schedulers=model.schedulers,
                 loras=model.loras,
-                models={model.name: ModelRules(schedulers=model.schedulers, loras=model.loras)},
+                controlnets=model.controlnets,
+                models={
+                    model.name: ModelRules(
+                        schedulers=model.schedulers,
+                        loras=model.loras,
+                        controlnets=model.controlnets,
+                    )
+                },
             ),
             defaults=Defaults(
                 width=min(model.default_size, limits.max_width),
@@ -425,7 +439,7 @@ class Server:
             is_draining=lambda: not self._accepting(),
             image_previews=model.image_previews,
             scheduler_step_limits=model.step_limits,
-            features=("batching",) if batching else (),
+            features=features,
         )
 
     async def wait_ready(self) -> None:

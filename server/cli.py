@@ -103,6 +103,14 @@ SERVE_OPTIONS = (
         metavar="NAME=PATH",
     ),
     _Option(
+        "--controlnet",
+        "controlnets",
+        "load a ControlNet (diffusers folder or single file) with the model; jobs name it "
+        "in params.controls (repeatable)",
+        repeatable=True,
+        metavar="NAME=PATH",
+    ),
+    _Option(
         "--preview-decoder",
         "preview_decoder",
         "an AutoencoderTiny (TAESD) folder: image previews become real decodes",

@@ -37,6 +37,8 @@ class ServerConfig(BaseModel):
     checkpoint_config: str | None = None
     #: LoRA adapters loaded at start, as NAME=PATH; jobs select them by name.
     loras: tuple[str, ...] = ()
+    #: ControlNets loaded with the model, as NAME=PATH; jobs name them in params.controls.
+    controlnets: tuple[str, ...] = ()
     #: An AutoencoderTiny (TAESD) folder that makes image previews real decodes.
     preview_decoder: Path | None = None
     tokens: tuple[str, ...] = ()
@@ -89,21 +91,22 @@ class ServerConfig(BaseModel):
     @field_validator("loras")
     @classmethod
     def _loras_are_name_equals_path(cls, loras: tuple[str, ...]) -> tuple[str, ...]:
-        names = set()
-        for lora in loras:
-            name, sep, path = lora.partition("=")
-            if not sep or not name or not path:
-                raise ValueError(f"LoRA {lora!r} must look like NAME=PATH")
-            if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
-                raise ValueError(f"LoRA name {name!r} may use only letters, digits, '.', '_', '-'")
-            if name in names:
-                raise ValueError(f"LoRA name {name!r} is given twice")
-            names.add(name)
-        return loras
+        return _names_equal_paths(loras, "LoRA")
+
+    @field_validator("controlnets")
+    @classmethod
+    def _controlnets_are_name_equals_path(cls, controlnets: tuple[str, ...]) -> tuple[str, ...]:
+        return _names_equal_paths(controlnets, "ControlNet")
 
     def lora_paths(self) -> dict[str, Path]:
         """The --lora options as {name: path}."""
         return {name: Path(path) for name, _, path in (lora.partition("=") for lora in self.loras)}
+
+    def controlnet_paths(self) -> dict[str, Path]:
+        """The --controlnet options as {name: path}."""
+        return {
+            name: Path(path) for name, _, path in (item.partition("=") for item in self.controlnets)
+        }
 
     @property
     def ray_engines(self) -> int:
@@ -120,6 +123,7 @@ class ServerConfig(BaseModel):
             "model_config": self.checkpoint_config,
             "loras": self.lora_paths(),
             "preview_decoder": self.preview_decoder,
+            "controlnets": self.controlnet_paths(),
         }
 
     @field_validator("allow_origins")
@@ -154,3 +158,18 @@ class ServerConfig(BaseModel):
         """
         raw = self.max_width * self.max_height * 3
         return self.max_images * (2 * raw + 1024) + 4096
+
+
+def _names_equal_paths(items: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """Check NAME=PATH options (--lora, --controlnet): valid, distinct names."""
+    names = set()
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"{what} {item!r} must look like NAME=PATH")
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+            raise ValueError(f"{what} name {name!r} may use only letters, digits, '.', '_', '-'")
+        if name in names:
+            raise ValueError(f"{what} name {name!r} is given twice")
+        names.add(name)
+    return items

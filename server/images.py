@@ -1,4 +1,5 @@
-"""Images that clients send (``init_image``, ``mask``): decode safely, size, composite.
+"""Images that clients send (``init_image``, ``mask``, control images): decode safely,
+size, preprocess, composite.
 
 Everything here turns bad input into :class:`BadImage`, whose message names the field,
 and never lets a decompression bomb be decoded: the pixel count is checked from the
@@ -11,21 +12,28 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from latentcast.protocol import GenerationParams, Limits
 from latentcast.protocol.limits import MIN_SIDE, SIDE_MULTIPLE
+
+from .jobs import JobControl
 
 #: An init image may have up to this many times the pixels of the largest job: it is
 #: scaled to the job size, and bigger uploads are refused unread (bad_image).
 INPUT_PIXELS_FACTOR = 4
 
-#: The formats PROTOCOL.md allows for init_image and mask.
+#: cv2.Canny's hysteresis thresholds for ``preprocess: "canny"``: the values of the
+#: diffusers ControlNet documentation (and of the canny ControlNets' training data).
+CANNY_LOW_THRESHOLD = 100
+CANNY_HIGH_THRESHOLD = 200
+
+#: The formats PROTOCOL.md allows for init_image, mask and control images.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
 class BadImage(Exception):
-    """An init_image or mask that cannot be used; ``message`` names the field."""
+    """An init_image, mask or control image that cannot be used; ``message`` names the field."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -121,3 +129,52 @@ def prepare_images(
     height = params.height or implied_height
     check_job_size(width, height, max_width=limits.max_width, max_height=limits.max_height)
     return fit(init, width, height), fit(mask, width, height) if mask else None, width, height
+
+
+def canny_edges(image: Image.Image) -> Image.Image:
+    """White edges on black (RGB), as the canny ControlNets were trained on.
+
+    OpenCV's Canny on the grey image, thresholds 100/200, as the diffusers docs do. One
+    OpenCV thread: this runs beside the engine, on a worker thread per submit.
+    """
+    import cv2
+
+    cv2.setNumThreads(1)
+    grey = np.asarray(image.convert("L"))
+    edges = cv2.Canny(grey, CANNY_LOW_THRESHOLD, CANNY_HIGH_THRESHOLD)
+    return Image.fromarray(np.stack([edges] * 3, axis=-1), "RGB")
+
+
+def preprocess_control(image: Image.Image, preprocess: str) -> Image.Image:
+    """``params.controls.N.preprocess`` applied to an RGB image: "none", "canny", "invert"."""
+    if preprocess == "canny":
+        return canny_edges(image)
+    if preprocess == "invert":
+        return ImageOps.invert(image.convert("RGB"))
+    if preprocess == "none":
+        return image
+    raise ValueError(f"unknown preprocess {preprocess!r}")
+
+
+def prepare_controls(
+    params: GenerationParams, limits: Limits, width: int, height: int
+) -> tuple[JobControl, ...]:
+    """Decode every control image, scale it to the job size and preprocess it; runs off
+    the event loop. Raises :class:`BadImage` naming ``params.controls.N.image``."""
+    max_pixels = INPUT_PIXELS_FACTOR * limits.max_width * limits.max_height
+    controls = []
+    for index, control in enumerate(params.controls):
+        image = decode_image(
+            control.image, field=f"params.controls.{index}.image", max_pixels=max_pixels
+        )
+        image = preprocess_control(fit(image, width, height), control.preprocess)
+        controls.append(
+            JobControl(
+                name=control.name,
+                image=image,
+                scale=control.scale,
+                start=control.start,
+                end=control.end,
+            )
+        )
+    return tuple(controls)

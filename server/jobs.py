@@ -45,6 +45,20 @@ class StopReason(enum.Enum):
 
 
 @dataclass(frozen=True, eq=False)
+class JobControl:
+    """One entry of ``params.controls``, its image decoded and made ready to condition on."""
+
+    #: The ControlNet's name (``--controlnet NAME=PATH``).
+    name: str
+    #: RGB at exactly the job's width x height, already preprocessed (canny, invert).
+    image: Image.Image
+    scale: float = 1.0
+    #: Fractions of the denoising during which the control acts: start <= i/n, (i+1)/n <= end.
+    start: float = 0.0
+    end: float = 1.0
+
+
+@dataclass(frozen=True, eq=False)
 class GenerationRequest:
     """A submit's params with every default resolved: what the engine runs."""
 
@@ -66,6 +80,8 @@ class GenerationRequest:
     strength: float = DEFAULT_STRENGTH
     #: (adapter name, scale) for this job only.
     loras: tuple[tuple[str, float], ...] = ()
+    #: ControlNets steering this job, in the order the client gave them.
+    controls: tuple[JobControl, ...] = ()
 
     @property
     def schedule_steps(self) -> int:

@@ -41,8 +41,8 @@ from latentcast.protocol import (
 from latentcast.protocol.limits import DEFAULT_STRENGTH, SEED_SPACE
 
 from .config import ServerConfig
-from .images import BadImage, prepare_images
-from .jobs import GenerationRequest, Job, StopReason
+from .images import BadImage, prepare_controls, prepare_images
+from .jobs import GenerationRequest, Job, JobControl, StopReason
 from .metrics import Metrics
 from .outbound import BufferClosed, OutboundBuffer
 from .scheduler import Scheduler
@@ -294,6 +294,16 @@ class Session:
                 return self._reject(submit, ErrorCode.BAD_IMAGE, exc.message)
             if context.is_draining():  # the drain may have begun while decoding
                 return self._reject(submit, ErrorCode.DRAINING, "the server is shutting down")
+        controls: tuple[JobControl, ...] = ()
+        if params.controls:
+            try:
+                controls = await asyncio.to_thread(
+                    prepare_controls, params, context.rules.limits, width, height
+                )
+            except BadImage as exc:
+                return self._reject(submit, ErrorCode.BAD_IMAGE, exc.message)
+            if context.is_draining():
+                return self._reject(submit, ErrorCode.DRAINING, "the server is shutting down")
         replacing = self.jobs.get(submit.replaces) if submit.replaces is not None else None
         active = len(self.jobs) - (1 if replacing is not None else 0)
         if active >= context.rules.limits.max_jobs_per_session:
@@ -328,6 +338,7 @@ class Session:
             mask=mask,
             strength=strength,
             loras=tuple((lora.name, lora.scale) for lora in params.loras),
+            controls=controls,
         )
         job = Job(id=submit.id, owner=self, request=request)
         position = scheduler.submit(job, replacing=replacing)

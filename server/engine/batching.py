@@ -3,9 +3,12 @@
 Pure rules, no torch: the event-loop side uses them to admit jobs, the core to group them.
 
 * Jobs are **compatible** (one :class:`GroupKey`) when one UNet call can take them all:
-  the same latent size and the same LoRA selection (adapters are active model-wide, so
-  a call runs under one selection). Mode, scheduler, guidance, prompt, strength and
-  image count may differ: each row carries its own timestep and conditioning.
+  the same latent size, the same LoRA selection (adapters are active model-wide, so
+  a call runs under one selection) and the same ControlNet selection (each ControlNet
+  of it is called once for all the group's rows, each row with its own job's control
+  image, scale and start/end; jobs without controls never pay for a ControlNet call).
+  Mode, scheduler, guidance, prompt, strength and image count may differ: each row
+  carries its own timestep and conditioning.
 * A **group** is the compatible jobs in the engine; its rows (one per image, two with
   guidance) are at most ``max_batch`` in one UNet call. Groups take turns, one step each,
   so a job of another size joins at once as a group of its own instead of waiting for a
@@ -55,6 +58,9 @@ class GroupKey:
     latent_width: int
     #: (adapter, scale) pairs, as the job selected them.
     loras: tuple[tuple[str, float], ...]
+    #: The ControlNets the job names in params.controls, sorted (a name given twice is
+    #: here twice: called twice). Scales, windows and images are per job.
+    controlnets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 import torch
 
@@ -143,9 +144,10 @@ class EngineCore:
         self, key: GroupKey, jobs: list[tuple[Hashable, PreparedJob]], unet_rows: list[int]
     ) -> list[EngineEvent]:
         self.model.activate_loras(key.loras)
+        controlnets = [self.model.controlnet(name) for name in key.controlnets]
         events: list[EngineEvent] = []
         stepped: list[tuple[Hashable, PreparedJob]] = []
-        for chunk_keys, failure in self._denoise(jobs, unet_rows):
+        for chunk_keys, failure in self._denoise(jobs, unet_rows, controlnets):
             for job_key, job in chunk_keys:
                 if failure is not None:
                     self._remove(job_key)
@@ -162,15 +164,22 @@ class EngineCore:
         return events
 
     def _denoise(
-        self, jobs: list[tuple[Hashable, PreparedJob]], unet_rows: list[int]
+        self,
+        jobs: list[tuple[Hashable, PreparedJob]],
+        unet_rows: list[int],
+        controlnets: Sequence[Any] = (),
     ) -> list[tuple[list[tuple[Hashable, PreparedJob]], str | None]]:
         """Phases 2-3 for ``jobs``; splits the UNet call in halves while it fails.
+
+        ``controlnets``: the modules of the group's ControlNet selection.
 
         Returns (jobs, failure message or None) pairs covering every job once.
         """
         rows = sum(job.rows for _, job in jobs)
         try:
-            predictions = predict_noise(self.model.pipeline.unet, [job for _, job in jobs])
+            predictions = predict_noise(
+                self.model.pipeline.unet, [job for _, job in jobs], controlnets
+            )
         except Exception as exc:
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
@@ -186,7 +195,9 @@ class EngineCore:
                 exc,
             )
             half = len(jobs) // 2
-            return self._denoise(jobs[:half], unet_rows) + self._denoise(jobs[half:], unet_rows)
+            return self._denoise(jobs[:half], unet_rows, controlnets) + self._denoise(
+                jobs[half:], unet_rows, controlnets
+            )
         unet_rows.append(rows)
         outcome: list[tuple[list[tuple[Hashable, PreparedJob]], str | None]] = []
         for (job_key, job), prediction in zip(jobs, predictions, strict=True):

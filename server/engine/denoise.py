@@ -9,6 +9,17 @@ generators), and the inpainting blend.
 
 A group of one job calls the UNet exactly as the diffusers pipeline does (the same
 tensors, the scalar timestep), so a job that runs alone gives the pipeline's bytes.
+
+ControlNets: a group shares one ControlNet selection (its :class:`GroupKey`), and each
+ControlNet of it is called once for all the group's rows, before the UNet, with the
+UNet's inputs (the 4-channel scaled latents, for a 9-channel inpainting UNet too) and
+each row's own control image. Its residuals are weighted per row by the row's job
+(scale inside the job's start/end window, 0 outside), summed over the ControlNets in
+selection order (as ``MultiControlNetModel`` does) and added inside the UNet
+(``down_block_additional_residuals``, ``mid_block_additional_residual``). When every
+row has the same weight the ControlNet applies it itself (``conditioning_scale``),
+which is what a ControlNet pipeline does for a job alone; when every weight is 0 the
+ControlNet is not called at all (adding zeros changes nothing).
 """
 
 from __future__ import annotations
@@ -21,17 +32,24 @@ import torch
 from .prepare import PreparedJob
 
 
-def predict_noise(unet: Any, jobs: Sequence[PreparedJob]) -> list[torch.Tensor]:
+def predict_noise(
+    unet: Any, jobs: Sequence[PreparedJob], controlnets: Sequence[Any] = ()
+) -> list[torch.Tensor]:
     """One UNet call for ``jobs``' next step; each job's noise prediction, in order.
+
+    ``controlnets`` are the modules of the group's ControlNet selection, in its order:
+    every job has one control per entry (its controls sorted by name).
 
     Leaves the jobs as they were (scaling the input reads the scheduler, it does not
     advance it), so a failed call can be made again with fewer jobs.
     """
+    scaled = []
     samples = []
     for job in jobs:
         t = job.timesteps[job.done]
         sample = torch.cat([job.latents] * 2) if job.guidance else job.latents
         sample = job.scheduler.scale_model_input(sample, t)
+        scaled.append(sample)
         cond = job.conditioning
         if cond.mask is not None and cond.masked_image_latents is not None:
             sample = torch.cat([sample, cond.mask, cond.masked_image_latents], dim=1)
@@ -42,11 +60,13 @@ def predict_noise(unet: Any, jobs: Sequence[PreparedJob]) -> list[torch.Tensor]:
         cond = job.conditioning
         timestep: torch.Tensor = job.timesteps[job.done]
         sample = samples[0]
+        control_sample = scaled[0]
         hidden = cond.encoder_hidden_states
         timestep_cond = cond.timestep_cond
         added = _added(cond.text_embeds, cond.time_ids)
     else:
         sample = torch.cat(samples)
+        control_sample = torch.cat(scaled) if controlnets else sample
         timestep = torch.cat(
             [
                 job.timesteps[job.done].to(torch.float32).reshape(1).expand(part.shape[0])
@@ -60,6 +80,7 @@ def predict_noise(unet: Any, jobs: Sequence[PreparedJob]) -> list[torch.Tensor]:
             _cat_optional([job.conditioning.time_ids for job in jobs]),
         )
     with torch.no_grad():
+        down, mid = _control_residuals(controlnets, jobs, control_sample, timestep, hidden, added)
         prediction = unet(
             sample,
             timestep,
@@ -67,6 +88,8 @@ def predict_noise(unet: Any, jobs: Sequence[PreparedJob]) -> list[torch.Tensor]:
             timestep_cond=timestep_cond,
             cross_attention_kwargs=None,
             added_cond_kwargs=added,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
             return_dict=False,
         )[0]
     parts = []
@@ -75,6 +98,53 @@ def predict_noise(unet: Any, jobs: Sequence[PreparedJob]) -> list[torch.Tensor]:
         parts.append(prediction[start : start + part.shape[0]])
         start += part.shape[0]
     return parts
+
+
+def _control_residuals(
+    controlnets: Sequence[Any],
+    jobs: Sequence[PreparedJob],
+    sample: torch.Tensor,
+    timestep: torch.Tensor,
+    hidden: torch.Tensor,
+    added: Any,
+) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+    """The summed, per-row weighted residuals of the group's ControlNets (None: none)."""
+    down: list[torch.Tensor] | None = None
+    mid: torch.Tensor | None = None
+    for slot, controlnet in enumerate(controlnets):
+        controls = [job.controls[slot] for job in jobs]
+        weights = [
+            control.weight(job.done, job.steps) for job, control in zip(jobs, controls, strict=True)
+        ]
+        if not any(weights):
+            continue
+        uniform = all(weight == weights[0] for weight in weights)
+        images = [control.image for control in controls]
+        control_down, control_mid = controlnet(
+            sample,
+            timestep,
+            encoder_hidden_states=hidden,
+            controlnet_cond=images[0] if len(images) == 1 else torch.cat(images),
+            conditioning_scale=weights[0] if uniform else 1.0,
+            guess_mode=False,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )
+        if not uniform:
+            per_row = [w for job, w in zip(jobs, weights, strict=True) for _ in range(job.rows)]
+            rows = torch.tensor(
+                per_row,
+                dtype=control_mid.dtype,
+                device=control_mid.device,
+            ).reshape(-1, 1, 1, 1)
+            control_down = [residual * rows for residual in control_down]
+            control_mid = control_mid * rows
+        if down is None or mid is None:
+            down, mid = list(control_down), control_mid
+        else:
+            down = [total + part for total, part in zip(down, control_down, strict=True)]
+            mid = mid + control_mid
+    return down, mid
 
 
 def advance(job: PreparedJob, noise_pred: torch.Tensor) -> None:

@@ -42,6 +42,8 @@ class ModelFacts:
     guidance_embedded: bool
     #: The most steps a scheduler accepts, for those with a limit (lcm: 50).
     step_limits: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    #: Names of the ControlNets loaded with the model (feature "controls").
+    controlnets: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, model: LoadedModel) -> ModelFacts:
@@ -62,6 +64,7 @@ class ModelFacts:
             preview_decoder=model.preview_decoder is not None,
             guidance_embedded=model.pipeline.unet.config.time_cond_proj_dim is not None,
             step_limits=MappingProxyType(model.scheduler_step_limits()),
+            controlnets=tuple(model.controlnets),
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -96,6 +99,7 @@ def group_key(model: LoadedModel | ModelFacts, spec_or_request: Any) -> GroupKey
         latent_height=request.height // scale,
         latent_width=request.width // scale,
         loras=tuple((str(name), float(value)) for name, value in request.loras),
+        controlnets=tuple(sorted(control.name for control in request.controls)),
     )
 
 

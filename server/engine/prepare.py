@@ -21,7 +21,7 @@ import torch
 
 from latentcast.protocol.limits import SEED_SPACE
 
-from ..jobs import GenerationRequest
+from ..jobs import GenerationRequest, JobControl
 from ..models import LoadedModel
 from .prompts import PromptCache, prompt_warnings, uses_guidance
 
@@ -60,6 +60,27 @@ class Blend:
     mask: torch.Tensor
 
 
+@dataclass(frozen=True)
+class PreparedControl:
+    """One of the job's controls, ready for the ControlNet: the pipelines' ``prepare_image``.
+
+    ``image`` is 0..1 float NCHW at the job size, one row per UNet row (the same image
+    for a guided job's unconditional and conditional rows, as the pipelines do).
+    """
+
+    name: str
+    image: torch.Tensor
+    scale: float
+    start: float
+    end: float
+
+    def weight(self, step: int, steps: int) -> float:
+        """The factor of the ControlNet's residuals at ``step`` of ``steps``: the scale
+        inside the start/end window, 0 outside (the pipelines' ``controlnet_keep``)."""
+        keep = 1.0 - float(step / steps < self.start or (step + 1) / steps > self.end)
+        return self.scale * keep
+
+
 @dataclass(eq=False)
 class PreparedJob:
     """A job inside the engine: its state between steps. Engine thread only."""
@@ -75,6 +96,8 @@ class PreparedJob:
     extra_step_kwargs: dict[str, Any]
     generators: list[torch.Generator]
     blend: Blend | None = None
+    #: Sorted by ControlNet name (stably), the order of its :class:`GroupKey`'s selection.
+    controls: tuple[PreparedControl, ...] = ()
     warnings: list[str] = field(default_factory=list)
     #: Steps done so far; the next step uses ``timesteps[done]``.
     done: int = 0
@@ -209,6 +232,11 @@ def prepare(model: LoadedModel, prompts: PromptCache, request: GenerationRequest
                 pipeline, request, embeddings, latents, k, guidance, dtype, device
             )
 
+        controls = tuple(
+            _prepare_control(model, pipeline, control, request, guidance, device)
+            for control in sorted(request.controls, key=lambda control: control.name)
+        )
+
     return PreparedJob(
         request=request,
         pipeline=pipeline,
@@ -230,7 +258,37 @@ def prepare(model: LoadedModel, prompts: PromptCache, request: GenerationRequest
         extra_step_kwargs=extra_step_kwargs,
         generators=generators,
         blend=blend,
+        controls=controls,
         warnings=prompt_warnings(pipeline, request),
+    )
+
+
+def _prepare_control(
+    model: LoadedModel,
+    pipeline: Any,
+    control: JobControl,
+    request: GenerationRequest,
+    guidance: bool,
+    device: torch.device,
+) -> PreparedControl:
+    """The ControlNet pipelines' ``prepare_image`` for one control (guess mode off)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    controlnet = model.controlnet(control.name)
+    processor = VaeImageProcessor(
+        vae_scale_factor=pipeline.vae_scale_factor, do_convert_rgb=True, do_normalize=False
+    )
+    image = processor.preprocess(control.image, height=request.height, width=request.width)
+    image = image.to(dtype=torch.float32).repeat_interleave(request.num_images, dim=0)
+    image = image.to(device=device, dtype=controlnet.dtype)
+    if guidance:
+        image = torch.cat([image] * 2)
+    return PreparedControl(
+        name=control.name,
+        image=image,
+        scale=control.scale,
+        start=control.start,
+        end=control.end,
     )
 
 

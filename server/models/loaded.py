@@ -60,6 +60,8 @@ class LoadedModel:
     loras: tuple[str, ...] = ()
     #: A tiny decoder (TAESD) for image previews, on the model's device and dtype.
     preview_decoder: AutoencoderTiny | None = None
+    #: Names of the ControlNets loaded with the model (``--controlnet``), sorted.
+    controlnets: tuple[str, ...] = ()
     _pipelines: Mapping[str, Any] = field(
         default_factory=lambda: MappingProxyType({}), repr=False, compare=False
     )
@@ -67,6 +69,9 @@ class LoadedModel:
         default_factory=lambda: MappingProxyType({}), repr=False, compare=False
     )
     _lora_state: _LoraState = field(default_factory=_LoraState, repr=False, compare=False)
+    _controlnets: Mapping[str, Any] = field(
+        default_factory=lambda: MappingProxyType({}), repr=False, compare=False
+    )
 
     def pipeline_for(self, mode: str) -> DiffusionPipeline:
         """The pipeline that runs ``mode`` (one of :attr:`modes`).
@@ -87,6 +92,18 @@ class LoadedModel:
             raise ValueError(f"mode {mode!r} is not available with this model (modes: {known})")
         built: DiffusionPipeline = pipeline
         return built
+
+    def controlnet(self, name: str) -> Any:
+        """The loaded ``ControlNetModel`` called ``name`` (one of :attr:`controlnets`).
+
+        Raises:
+            ValueError: no ControlNet of that name was loaded.
+        """
+        module = self._controlnets.get(name)
+        if module is None:
+            known = ", ".join(self.controlnets) or "none loaded"
+            raise ValueError(f"unknown ControlNet {name!r}; available: {known}")
+        return module
 
     def scheduler_step_limits(self) -> dict[str, int]:
         """The most ``num_inference_steps`` each scheduler accepts, for those with a limit.

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .controlnets import _load_controlnets
 from .devices import _parse_dtype, default_dtype, resolve_device
 from .errors import ModelLoadError
 from .families import SDXL_FAMILY, _sample_size, detect_family
@@ -48,6 +49,7 @@ def load_model(
     model_config: str | Path | None = None,
     loras: Mapping[str, Path] = MappingProxyType({}),
     preview_decoder: Path | None = None,
+    controlnets: Mapping[str, Path] = MappingProxyType({}),
 ) -> LoadedModel:
     """Load a Stable Diffusion 1.x / 2.x / SDXL model from ``spec``.
 
@@ -75,10 +77,13 @@ def load_model(
     anything ``load_lora_weights`` reads); they are loaded and left inactive
     (:meth:`LoadedModel.activate_loras`). ``preview_decoder`` is a local
     ``AutoencoderTiny`` (TAESD) folder whose latent channels match the model's.
+    ``controlnets`` maps names to ControlNet folders or single files
+    (:mod:`.controlnets`); each must be of the model's family.
 
     Raises:
         ValueError: bad ``device`` or ``dtype`` string, or device unavailable.
-        ModelLoadError: the model, a LoRA or the preview decoder could not be loaded.
+        ModelLoadError: the model, a LoRA, a ControlNet or the preview decoder could not
+            be loaded, or a ControlNet is of another family.
     """
     with _without_torchvision_notice():
         return _load_model(
@@ -89,6 +94,7 @@ def load_model(
             model_config=model_config,
             loras=loras,
             preview_decoder=preview_decoder,
+            controlnets=controlnets,
         )
 
 
@@ -101,6 +107,7 @@ def _load_model(
     model_config: str | Path | None,
     loras: Mapping[str, Path],
     preview_decoder: Path | None,
+    controlnets: Mapping[str, Path],
 ) -> LoadedModel:
     torch_device = resolve_device(device)
     torch_dtype = _parse_dtype(dtype) if dtype is not None else default_dtype(torch_device)
@@ -138,7 +145,7 @@ def _load_model(
     if hasattr(pipeline, "safety_checker"):
         pipeline.safety_checker = None
     pipeline.set_progress_bar_config(disable=True)
-    return _describe(spec, pipeline, torch_device, torch_dtype, loras, preview_decoder)
+    return _describe(spec, pipeline, torch_device, torch_dtype, loras, preview_decoder, controlnets)
 
 
 def _tiny_folder(name: str, cache: Path) -> Path:
@@ -169,6 +176,7 @@ def _describe(
     dtype: torch.dtype,
     loras: Mapping[str, Path],
     preview_decoder: Path | None,
+    controlnets: Mapping[str, Path],
 ) -> LoadedModel:
     import diffusers
 
@@ -207,6 +215,15 @@ def _describe(
     scheduler_config = MappingProxyType(copy.deepcopy(dict(pipeline.scheduler.config)))
     adapters = _load_loras(main, loras)
     decoder = _load_preview_decoder(preview_decoder, latent_channels, device, dtype)
+    control_modules = _load_controlnets(
+        controlnets,
+        pipeline.unet,
+        latent_channels,
+        device,
+        dtype,
+        model_name=name,
+        family=family.name,
+    )
     model = LoadedModel(
         name=name,
         family=family,
@@ -223,8 +240,10 @@ def _describe(
         scheduler_config=scheduler_config,
         loras=tuple(sorted(adapters)),
         preview_decoder=decoder,
+        controlnets=tuple(sorted(control_modules)),
         _pipelines=MappingProxyType(pipelines),
         _adapters=MappingProxyType(adapters),
+        _controlnets=MappingProxyType(control_modules),
     )
     return model
 

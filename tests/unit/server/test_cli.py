@@ -38,6 +38,7 @@ PROTOCOL_OPTIONS = (
     "--max-connections",
     "--drain-timeout",
     "--send-timeout",
+    "--controlnet",
 )
 
 
@@ -439,6 +440,7 @@ def test_serve_help_lists_the_builtin_models_and_readable_metavars(
         "--model NAME|PATH",
         "--model-config DIR",
         "--lora NAME=PATH",
+        "--controlnet NAME=PATH",
         "--token TOKEN",
         "--allow-origin ORIGIN",
         "--preview-decoder DIR",
@@ -469,7 +471,7 @@ def test_every_protocol_option_exists() -> None:
     flags = {option.flag for option in SERVE_OPTIONS}
     assert set(PROTOCOL_OPTIONS) <= flags
     repeatable = {option.flag for option in SERVE_OPTIONS if option.repeatable}
-    assert repeatable == {"--token", "--allow-origin", "--lora"}
+    assert repeatable == {"--token", "--allow-origin", "--lora", "--controlnet"}
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -568,6 +570,20 @@ def test_loras_parse_as_name_equals_path(tmp_path: Path) -> None:
     for bad in ("noequals", "=path", "dup=a,dup=b", "bad name=x"):
         with pytest.raises(ValidationError):
             config_from(build_parser().parse_args(["serve"]), {"LATENTCAST_LORA": bad})
+
+
+def test_controlnets_parse_as_name_equals_path(tmp_path: Path) -> None:
+    args = build_parser().parse_args(
+        ["serve", "--controlnet", f"scribble={tmp_path / 'cn'}", "--controlnet", "canny=c.ckpt"]
+    )
+    config = config_from(args, {})
+    assert config.controlnet_paths() == {"scribble": tmp_path / "cn", "canny": Path("c.ckpt")}
+    assert config.model_arguments()["controlnets"] == config.controlnet_paths()
+    env = config_from(build_parser().parse_args(["serve"]), {"LATENTCAST_CONTROLNET": "a=x, b=y"})
+    assert env.controlnet_paths() == {"a": Path("x"), "b": Path("y")}
+    for bad in ("noequals", "=path", "dup=a,dup=b", "bad name=x"):
+        with pytest.raises(ValidationError, match="ControlNet"):
+            config_from(build_parser().parse_args(["serve"]), {"LATENTCAST_CONTROLNET": bad})
 
 
 def test_limits_whose_result_does_not_fit_the_message_limit_are_one_line(capsys) -> None:
