@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import FrozenInstanceError, replace
 
 import pytest
+from PIL import Image
 
 from latentcast.server.engine import (
     BatchPolicy,
@@ -18,6 +19,7 @@ from latentcast.server.engine import (
     group_key,
 )
 from latentcast.server.engine.batching import MAX_GROUPS
+from latentcast.server.jobs import JobControl
 from latentcast.server.models import LoadedModel
 
 from .support import MODES, make_request
@@ -126,6 +128,29 @@ def test_the_key_is_the_latent_size_and_the_lora_selection(tiny: LoadedModel) ->
     )
     # A JobSpec has its request's key.
     assert group_key(tiny, JobSpec("k", styled)) == group_key(tiny, styled)
+
+
+def test_the_key_has_the_sorted_controlnet_selection_not_the_scales(tiny: LoadedModel) -> None:
+    base = make_request(width=64, height=64)
+    image = Image.new("RGB", (64, 64))
+    controlled = replace(
+        base, controls=(JobControl("scribble", image, scale=0.5), JobControl("canny", image))
+    )
+    key = group_key(tiny, controlled)
+    assert key.controlnets == ("canny", "scribble")
+    assert key != group_key(tiny, base) and group_key(tiny, base).controlnets == ()
+    # Scale, window and image are per job: they do not split groups.
+    other = replace(
+        base,
+        controls=(
+            JobControl("canny", Image.new("RGB", (64, 64), "white"), start=0.5),
+            JobControl("scribble", image, scale=2.0),
+        ),
+    )
+    assert group_key(tiny, other) == key
+    # The same ControlNet twice is called twice: another selection.
+    twice = replace(base, controls=(JobControl("canny", image), JobControl("canny", image)))
+    assert group_key(tiny, twice).controlnets == ("canny", "canny")
 
 
 def test_what_a_row_carries_does_not_change_the_key(tiny: LoadedModel) -> None:
