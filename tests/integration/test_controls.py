@@ -1,0 +1,368 @@
+"""ControlNet per job (feature "controls") over real sockets, for tiny (SD 1.x) and tiny-sdxl.
+
+A tiny ControlNet built from each tiny UNet (tests/fixtures/controlnets.py) is loaded by
+the server through ``--controlnet NAME=FOLDER``, as a real one would be. What a client
+must see:
+
+* ``welcome`` lists the ControlNets, ``limits.max_controls`` 3 and the feature;
+* a control changes the image; scale 0 gives the image without control (bit for bit,
+  alone); a start/end window gives yet another image; alone, a txt2img job with a
+  control is the bytes of diffusers' StableDiffusionControlNetPipeline;
+* a job without controls that shares the engine with controlled jobs gets its lone
+  image up to rounding, and so do controlled jobs that share their ControlNet calls;
+* img2img and inpaint run with a control;
+* every bad input gets its code and field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from latentcast.protocol import Complete
+from latentcast.server.images import prepare_controls
+from latentcast.server.previews import encode_image
+from tests.fixtures.controlnets import build_tiny_controlnet
+from tests.integration.test_batching import (
+    request_for,
+    run_alone,
+    submit_message,
+    unet_rows,
+    until_ended,
+)
+from tests.integration.test_breadth import noise, png
+from tests.support import (
+    BATCH_ROUNDING,
+    Client,
+    engine_hold,
+    is_terminal,
+    largest_difference,
+    open_client,
+)
+
+MODELS = ["tiny", "tiny-sdxl"]
+ONE_THREAD = {"cpu_threads": 1}
+#: Far beyond rounding: what a control (or a different window) must change.
+VISIBLE = 10 * BATCH_ROUNDING
+
+
+def scribble(size: int = 64) -> Image.Image:
+    """Dark strokes on white, as a user draws them: a square outline and a diagonal."""
+    pixels = np.full((size, size, 3), 255, dtype=np.uint8)
+    quarter = size // 4
+    pixels[quarter : 3 * quarter, quarter : quarter + 3] = 0
+    pixels[quarter : 3 * quarter, 3 * quarter - 3 : 3 * quarter] = 0
+    pixels[quarter : quarter + 3, quarter : 3 * quarter] = 0
+    pixels[3 * quarter - 3 : 3 * quarter, quarter : 3 * quarter] = 0
+    for k in range(size):
+        pixels[k, max(0, k - 1) : k + 1] = 0
+    return Image.fromarray(pixels, "RGB")
+
+
+def control(**fields: Any) -> dict[str, Any]:
+    """A params.controls entry: the scribble, inverted (light strokes on black)."""
+    return {"name": "scribble", "image": png(scribble()), "preprocess": "invert", **fields}
+
+
+@pytest.fixture(scope="module")
+def controlnet_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny ControlNet for each family (built once for the module)."""
+    root = tmp_path_factory.mktemp("controlnets")
+    return {
+        "tiny": build_tiny_controlnet(root / "sd1"),
+        "tiny-sdxl": build_tiny_controlnet(root / "sdxl", sdxl=True),
+    }
+
+
+def options(model_name: str, folders: dict[str, Path], **more: Any) -> dict[str, Any]:
+    return {
+        "model": model_name,
+        "controlnets": (f"scribble={folders[model_name]}",),
+        **ONE_THREAD,
+        **more,
+    }
+
+
+async def image_of(client: Client, job_id: str, fields: dict[str, Any]) -> bytes:
+    complete = await run_alone(client, job_id, fields)
+    return complete.images[0].data
+
+
+# ---------------------------------------------------------------------- welcome
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+async def test_welcome_lists_the_controlnets_max_controls_and_the_feature(
+    start_server, controlnet_folders, model_name
+) -> None:
+    async with start_server(**options(model_name, controlnet_folders)) as server:
+        client = await open_client(server.ws_url)
+        welcome = client.welcome
+        assert welcome.model.controlnets == ["scribble"]
+        assert welcome.models[0].controlnets == ["scribble"]
+        assert welcome.limits.max_controls == 3
+        assert "controls" in welcome.features
+        await client.close()
+
+
+async def test_without_controlnets_there_is_no_feature_and_a_control_is_refused(
+    start_server,
+) -> None:
+    async with start_server(**ONE_THREAD) as server:
+        client = await open_client(server.ws_url)
+        assert client.welcome.model.controlnets == []
+        assert client.welcome.limits.max_controls == 0
+        assert "controls" not in client.welcome.features
+        await client.send(submit_message("j", {"controls": [control()]}))
+        error = await client.recv()
+        assert (error.type, error.code, error.id) == ("error", "invalid_request", "j")
+        assert error.field == "params.controls"
+        await client.close()
+
+
+# ---------------------------------------------------------------------- effect
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+async def test_a_control_steers_the_image_scale_zero_does_not_and_the_window_matters(
+    start_server, controlnet_folders, model_name
+) -> None:
+    async with start_server(**options(model_name, controlnet_folders)) as server:
+        client = await open_client(server.ws_url)
+        base = {"seed": 7, "steps": 4}
+        plain = await image_of(client, "plain", base)
+        steered = await image_of(client, "steered", {**base, "controls": [control()]})
+        zero = await image_of(client, "zero", {**base, "controls": [control(scale=0.0)]})
+        late = await image_of(client, "late", {**base, "controls": [control(start=0.5)]})
+        early = await image_of(client, "early", {**base, "controls": [control(end=0.5)]})
+        stronger = await image_of(client, "strong", {**base, "controls": [control(scale=2.0)]})
+        canny = await image_of(client, "canny", {**base, "controls": [control(preprocess="canny")]})
+        blank = {"image": png(Image.new("RGB", (64, 64))), "preprocess": "none"}
+        black = await image_of(client, "black", {**base, "controls": [control(**blank)]})
+        await client.close()
+    assert largest_difference(steered, plain) > VISIBLE
+    # Scale 0: the ControlNet adds nothing, the bytes of the job without control.
+    assert zero == plain
+    # The window: acting for half of the steps is neither full control nor none. The
+    # early steps shape the image most: the first half is close to full control, the
+    # second half close to none, each still far from rounding away from the other.
+    for window in (early, late):
+        assert largest_difference(window, steered) > BATCH_ROUNDING
+        assert largest_difference(window, plain) > BATCH_ROUNDING
+    assert largest_difference(early, plain) > VISIBLE
+    assert largest_difference(late, steered) > VISIBLE
+    assert largest_difference(stronger, steered) > VISIBLE
+    # The image matters, not only the ControlNet: a blank control image, or another
+    # preprocessing of the same image, steers elsewhere.
+    assert largest_difference(black, steered) > VISIBLE
+    assert largest_difference(canny, steered) > VISIBLE
+
+
+async def test_alone_a_txt2img_job_with_controls_is_the_controlnet_pipeline(
+    start_server, controlnet_folders
+) -> None:
+    """SD 1.x txt2img with a control (scale and window), alone: the bytes of diffusers'
+    StableDiffusionControlNetPipeline with the same seed, scheduler and control image."""
+    async with start_server(**options("tiny", controlnet_folders, max_batch=1)) as server:
+        client = await open_client(server.ws_url)
+        fields = {
+            "seed": 11,
+            "steps": 4,
+            "num_images": 2,
+            "controls": [control(scale=0.7, start=0.25, end=0.75)],
+        }
+        ours = (await run_alone(client, "j", fields)).images
+        welcome = client.welcome
+        await client.close()
+        request = request_for(fields, welcome)
+        params_controls = prepare_controls(
+            _params(fields), welcome.limits, request.width, request.height
+        )
+        model = server.model
+        direct = await server.engine_thread.call(
+            _controlnet_pipeline_pngs, model, request, params_controls[0]
+        )
+    assert [image.data for image in ours] == direct
+
+
+def _params(fields: dict[str, Any]) -> Any:
+    from latentcast.protocol import GenerationParams
+
+    return GenerationParams(prompt="a cat", **fields)
+
+
+def _controlnet_pipeline_pngs(model: Any, request: Any, job_control: Any) -> list[bytes]:
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from latentcast.server.engine import diffusers_arguments
+
+    pipeline = StableDiffusionControlNetPipeline.from_pipe(
+        model.pipeline, controlnet=model.controlnet(job_control.name), dtype=model.dtype
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.scheduler = model.make_scheduler(request.scheduler)
+    arguments = diffusers_arguments(request)
+    images = pipeline(
+        **arguments,
+        image=job_control.image,
+        controlnet_conditioning_scale=job_control.scale,
+        control_guidance_start=job_control.start,
+        control_guidance_end=job_control.end,
+    ).images
+    return [encode_image(image, "png") for image in images]
+
+
+# ---------------------------------------------------------------------- batching
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+async def test_jobs_with_and_without_controls_share_the_engine_unaffected(
+    start_server, controlnet_folders, model_name
+) -> None:
+    """A job without controls, two jobs sharing their ControlNet calls with different
+    scales and windows, and a job with the control twice: together, each gives its lone
+    image up to rounding."""
+    kinds = {
+        "none": {"seed": 1, "steps": 3},
+        "full": {"seed": 2, "steps": 3, "controls": [control()]},
+        "weak-late": {"seed": 3, "steps": 3, "controls": [control(scale=0.5, start=0.4)]},
+        "twice": {
+            "seed": 4,
+            "steps": 3,
+            "controls": [control(scale=0.6), control(preprocess="none", end=0.5)],
+        },
+    }
+    async with start_server(**options(model_name, controlnet_folders, max_batch=16)) as server:
+        loner = await open_client(server.ws_url)
+        alone = {name: await image_of(loner, name, fields) for name, fields in kinds.items()}
+        await loner.close()
+        # The two single-control jobs share one group: their UNet calls hold 4 rows.
+        sessions = [await open_client(server.ws_url) for _ in kinds]
+        calls, rows = unet_rows(server)
+        async with engine_hold(server):
+            for session, (name, fields) in zip(sessions, kinds.items(), strict=True):
+                await session.send(submit_message(name, fields))
+            for session, name in zip(sessions, kinds, strict=True):
+                await session.recv_until(lambda m, n=name: m.type == "accepted" and m.id == n)
+        await asyncio.gather(
+            *(until_ended(session, [name]) for session, name in zip(sessions, kinds, strict=True))
+        )
+        calls_now, rows_now = unet_rows(server)
+        # Three groups (none, scribble, scribble+scribble) of 3 steps: 9 calls.
+        assert calls_now - calls == 9
+        assert rows_now - rows == 3 * (2 + 4 + 2)
+        for session, name in zip(sessions, kinds, strict=True):
+            (end,) = [m for m in session.received if is_terminal(m, name)]
+            assert isinstance(end, Complete), end
+            difference = largest_difference(end.images[0].data, alone[name])
+            assert difference <= BATCH_ROUNDING, (name, difference)
+            await session.close()
+    assert largest_difference(alone["full"], alone["none"]) > VISIBLE
+
+
+# ---------------------------------------------------------------------- modes
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+async def test_img2img_and_inpaint_run_with_a_control(
+    start_server, controlnet_folders, model_name
+) -> None:
+    init = png(noise(64, 64, seed=5))
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 8:40] = 255
+    modes = {
+        "img2img": {"init_image": init, "strength": 0.7},
+        "inpaint": {"init_image": init, "mask": png(Image.fromarray(mask)), "strength": 1.0},
+    }
+    async with start_server(**options(model_name, controlnet_folders)) as server:
+        client = await open_client(server.ws_url)
+        for mode, fields in modes.items():
+            base = {"seed": 9, "steps": 4, **fields}
+            plain = await image_of(client, f"{mode}-plain", base)
+            steered = await image_of(client, f"{mode}-ctl", {**base, "controls": [control()]})
+            assert largest_difference(plain, steered) > VISIBLE, mode
+        await client.close()
+
+
+async def test_a_9_channel_inpainting_unet_takes_a_control_of_its_family(
+    start_server, controlnet_folders
+) -> None:
+    """tiny-inpaint's UNet is the tiny SD 1.x one with 9 input channels: the SD 1.x
+    ControlNet fits it and gets the 4-channel latents."""
+    init = png(noise(64, 64, seed=5))
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[8:56, 8:56] = 255
+    base = {"seed": 9, "steps": 3, "init_image": init, "mask": png(Image.fromarray(mask))}
+    async with start_server(
+        model="tiny-inpaint", controlnets=(f"scribble={controlnet_folders['tiny']}",), **ONE_THREAD
+    ) as server:
+        client = await open_client(server.ws_url)
+        plain = await image_of(client, "plain", base)
+        steered = await image_of(client, "ctl", {**base, "controls": [control()]})
+        await client.close()
+    assert largest_difference(plain, steered) > VISIBLE
+
+
+# ---------------------------------------------------------------------- bad input
+
+BAD = {
+    "unknown-name": (
+        {"controls": [control(name="depth")]},
+        "invalid_request",
+        "params.controls.0.name",
+    ),
+    "bad-image": ({"controls": [control(image=b"not a png")]}, "bad_image", None),
+    "huge-image": (
+        {"controls": [control(image=png(Image.new("L", (5000, 5000))))]},
+        "bad_image",
+        None,
+    ),
+    "start-not-before-end": (
+        {"controls": [control(start=0.5, end=0.5)]},
+        "invalid_request",
+        "params.controls.0.end",
+    ),
+    "scale-too-large": (
+        {"controls": [control(scale=2.5)]},
+        "invalid_request",
+        "params.controls.0.scale",
+    ),
+    "bad-preprocess": (
+        {"controls": [control(preprocess="depth")]},
+        "invalid_request",
+        "params.controls.0.preprocess",
+    ),
+    "too-many": ({"controls": [control()] * 4}, "invalid_request", "params.controls"),
+    "too-many-even-if-bad": (
+        {"controls": [control(name="depth")] * 4},
+        "invalid_request",
+        "params.controls",
+    ),
+}
+
+
+async def test_every_bad_control_gets_its_code_and_field(start_server, controlnet_folders) -> None:
+    async with start_server(**options("tiny", controlnet_folders)) as server:
+        client = await open_client(server.ws_url)
+        for case, (fields, code, field) in BAD.items():
+            await client.send(submit_message(case, fields))
+            error = await client.recv()
+            assert (error.type, error.code, error.id) == ("error", code, case), (case, error)
+            assert error.field == field, (case, error)
+            if code == "bad_image":
+                assert "params.controls.0.image" in error.message, (case, error)
+        # The bad one is the second: its index is named.
+        await client.send(
+            submit_message("second", {"controls": [control(), control(image=b"junk")]})
+        )
+        error = await client.recv()
+        assert error.code == "bad_image" and "params.controls.1.image" in error.message
+        # And the session goes on: a good control completes.
+        complete = await run_alone(client, "good", {"controls": [control()] * 3})
+        assert len(complete.images) == 1
+        await client.close()
