@@ -18,7 +18,7 @@
 Events are the typed messages of :mod:`latentcast.protocol`.
 """
 
-from .connection import DEFAULT_URL, Client, Connecting, LoraSpec, connect
+from .connection import DEFAULT_URL, Client, Connecting, ControlSpec, LoraSpec, connect
 from .errors import (
     AuthenticationFailed,
     ConnectFailed,
@@ -40,6 +40,7 @@ __all__ = [
     "ConnectFailed",
     "Connecting",
     "ConnectionLost",
+    "ControlSpec",
     "GeneratedImage",
     "ImageInput",
     "Job",

@@ -106,6 +106,7 @@ FLAG_BY_FIELD = {
     "strength": "--strength",
     "mask": "--mask",
     "loras": "--lora",
+    "controls": "--control",
     "preview": "--preview",
     "output": "--output-format/--quality",
 }
@@ -139,6 +140,23 @@ def _lora(text: str) -> tuple[str, float]:
         return name, float(scale)
     except ValueError:
         raise argparse.ArgumentTypeError(f"the scale in {text!r} is not a number") from None
+
+
+def _control(text: str) -> tuple[str, bytes, float]:
+    """``NAME=IMAGE[:SCALE]``: the ControlNet's name, the image file's bytes, the scale."""
+    name, sep, rest = text.partition("=")
+    if not name or not sep or not rest:
+        raise argparse.ArgumentTypeError(f"expected NAME=IMAGE or NAME=IMAGE:SCALE, got {text!r}")
+    path, colon, scale_text = rest.rpartition(":")
+    scale = 1.0
+    if colon and path:
+        try:
+            scale = float(scale_text)
+        except ValueError:
+            path = rest  # a ':' in the file name, not a scale
+    else:
+        path = rest
+    return name, _input_file(path), scale
 
 
 def _input_file(text: str) -> bytes:
@@ -250,6 +268,16 @@ def add_generate_command(commands: Any) -> argparse.ArgumentParser:
         metavar="NAME[=SCALE]",
         help="apply one of the server's LoRAs (repeatable; scale default 1)",
     )
+    request.add_argument(
+        "--control",
+        type=_control,
+        action="append",
+        metavar="NAME=IMAGE[:SCALE]",
+        help=(
+            "steer the job with the server's ControlNet NAME and this image file "
+            "(repeatable; scale 0 to 2, default 1)"
+        ),
+    )
 
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -345,6 +373,7 @@ def _settings(args: argparse.Namespace, environ: Mapping[str, str]) -> _Settings
         "strength": args.strength,
         "mask": args.mask,
         "loras": args.lora,
+        "controls": args.control,
     }
     return _Settings(
         prompt=args.prompt,

@@ -42,6 +42,7 @@ from websockets.exceptions import (
 from latentcast.protocol import (
     PROTOCOL_VERSION,
     Cancel,
+    ControlRef,
     Draining,
     Error,
     ErrorCode,
@@ -80,6 +81,13 @@ DEFAULT_OPEN_TIMEOUT = 10.0
 
 #: A LoRA for ``submit(loras=...)``: a name (scale 1), (name, scale), or a LoraRef.
 LoraSpec: TypeAlias = str | tuple[str, float] | LoraRef
+
+#: A control for ``submit(controls=...)``: (name, image), (name, image, scale), a
+#: mapping of ControlRef's fields (name, image, scale, start, end, preprocess), or a
+#: ControlRef. An image is bytes (PNG, JPEG, WebP), a PIL image or a file path.
+ControlSpec: TypeAlias = (
+    tuple[str, ImageInput] | tuple[str, ImageInput, float] | Mapping[str, Any] | ControlRef
+)
 
 
 class Client:
@@ -159,6 +167,7 @@ class Client:
         strength: float | None = None,
         mask: ImageInput | None = None,
         loras: Iterable[LoraSpec] | None = None,
+        controls: Iterable[ControlSpec] | None = None,
         preview: str | PreviewRequest | None = None,
         preview_every: int | None = None,
         preview_format: str | None = None,
@@ -174,6 +183,8 @@ class Client:
         is ``"none"``, ``"latent"``, ``"image"`` or a :class:`PreviewRequest` (the other
         ``preview_*`` options override its fields). ``replaces`` cancels that job in the
         same moment as this one is queued. ``id`` defaults to a fresh unique one.
+        ``controls`` steer the job with the server's ControlNets (feature "controls",
+        ``welcome.model.controlnets``); see :data:`ControlSpec`.
 
         Raises :class:`RequestRejected` (``code``, ``field``) when the server, or this
         client applying the server's own rules, refuses the request, and
@@ -203,6 +214,7 @@ class Client:
             "strength": strength,
             "mask": image_bytes(mask) if mask is not None else None,
             "loras": _loras(loras) if loras is not None else None,
+            "controls": _controls(controls) if controls is not None else None,
         }
         payload: dict[str, Any] = {
             "type": "submit",
@@ -387,6 +399,25 @@ def _loras(loras: Iterable[LoraSpec]) -> list[dict[str, Any]]:
         else:
             name, scale = lora
             result.append({"name": name, "scale": scale})
+    return result
+
+
+def _controls(controls: Iterable[ControlSpec]) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = []
+    for control in controls:
+        if isinstance(control, ControlRef):
+            result.append(control.model_dump())
+        elif isinstance(control, Mapping):
+            fields = dict(control)
+            if "image" in fields and not isinstance(fields["image"], bytes):
+                fields["image"] = image_bytes(fields["image"])
+            result.append(fields)
+        else:
+            name, image, *scale = control
+            entry: dict[str, Any] = {"name": name, "image": image_bytes(image)}
+            if scale:
+                entry["scale"] = scale[0]
+            result.append(entry)
     return result
 
 

@@ -328,3 +328,37 @@ async def test_ctrl_c_waits_for_the_end_of_a_slow_step(
         assert "latentcast: interrupted; job job-1 cancelled at step 2\n" in stderr, stderr
         assert CANCEL_GRACE < waited < 2 * slow
         assert _metric(server, "latentcast_jobs_total", outcome="cancelled") == 1
+
+
+async def test_generate_with_controls(start_server, tmp_path: Path) -> None:
+    """--control NAME=IMAGE[:SCALE] reads the file and steers the job as the Python
+    client's controls= does; an unknown name is one error line naming the option."""
+    from tests.fixtures.controlnets import build_tiny_controlnet
+    from tests.integration.test_controls import scribble
+
+    folder = build_tiny_controlnet(tmp_path / "controlnet")
+    sketch = tmp_path / "sketch.png"
+    scribble().save(sketch)
+    async with start_server(controlnets=(f"scribble={folder}",)) as server:
+        common = ("--url", server.ws_url, "--steps", "3", "--seed", "4", "-q")
+        plain, steered = tmp_path / "plain.png", tmp_path / "steered.png"
+        code, _, stderr = await _cli("a fox", "-o", str(plain), *common)
+        assert code == 0, stderr
+        code, _, stderr = await _cli(
+            "a fox", "-o", str(steered), *common, "--control", f"scribble={sketch}:0.8"
+        )
+        assert code == 0, stderr
+        assert plain.read_bytes() != steered.read_bytes()
+
+        async with connect(server.ws_url) as client:
+            job = await client.submit(
+                "a fox", steps=3, seed=4, controls=[("scribble", sketch, 0.8)]
+            )
+            result = await job.result()
+        assert result.images[0].data == steered.read_bytes()
+
+        code, stdout, stderr = await _cli(
+            "a fox", "-o", str(tmp_path / "x.png"), *common, "--control", f"depth={sketch}"
+        )
+        assert code == 1 and stdout == "" and stderr.count("\n") == 1
+        assert "params.controls.0.name" in stderr and "--control" in stderr

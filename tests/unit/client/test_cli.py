@@ -54,6 +54,30 @@ def test_settings_infer_the_format_and_read_the_environment(tmp_path) -> None:
     assert (explicit.output_format, explicit.url) == ("webp", "ws://a:2/v1/ws")
 
 
+def test_controls_read_their_image_files_with_an_optional_scale(tmp_path) -> None:
+    scribble = tmp_path / "scribble.png"
+    scribble.write_bytes(b"png bytes")
+    odd = tmp_path / "a:b.png"  # a ':' in the file name is not a scale
+    odd.write_bytes(b"other")
+    args = _parse(
+        "p",
+        "--control",
+        f"scribble={scribble}",
+        "--control",
+        f"edges={scribble}:0.5",
+        "--control",
+        f"x={odd}",
+    )
+    settings = _settings(args, {})
+    assert settings.params == {
+        "controls": [
+            ("scribble", b"png bytes", 1.0),
+            ("edges", b"png bytes", 0.5),
+            ("x", b"other", 1.0),
+        ]
+    }
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -73,7 +97,16 @@ def test_inconsistent_options_exit_2(argv: list[str], capsys) -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--steps", "x"], ["--lora", "=1"], ["--lora", "a=b"], ["--init-image", "/no/such.png"]],
+    [
+        ["--steps", "x"],
+        ["--lora", "=1"],
+        ["--lora", "a=b"],
+        ["--init-image", "/no/such.png"],
+        ["--control", "scribble"],
+        ["--control", "=x.png"],
+        ["--control", "scribble=/no/such.png"],
+        ["--control", "scribble=/no/such.png:0.5"],
+    ],
 )
 def test_bad_values_exit_2(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
@@ -110,6 +143,9 @@ def test_error_lines_name_the_option() -> None:
     assert "invalid_request" in line and "--width" in line and "\n" not in line
     assert "--lora" in describe_error(
         RequestRejected("invalid_request", "unknown", field="params.loras.0.name")
+    )
+    assert "--control" in describe_error(
+        RequestRejected("invalid_request", "unknown", field="params.controls.0.name")
     )
     assert "--token" in describe_error(AuthenticationFailed("401", url="ws://x", status=401))
     assert "shutdown" in describe_error(JobFailed("a", "shutdown", "stopping"))

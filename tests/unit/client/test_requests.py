@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 
 from latentcast.client import GeneratedImage, RequestRejected, latent_to_pil
-from latentcast.client.connection import _loras, _preview, check_submit
+from latentcast.client.connection import _controls, _loras, _preview, check_submit
 from latentcast.client.images import image_bytes
 from latentcast.protocol import (
+    ControlRef,
     LatentPreview,
     LatentRGBInfo,
     Limits,
@@ -82,6 +83,41 @@ def test_preview_options_override_a_preview_request() -> None:
     }
     assert _preview(None, None, None, None) == {"kind": None}
     assert _loras([LoraRef(name="x", scale=2.0)]) == [{"name": "x", "scale": 2.0}]
+
+
+def test_controls_take_tuples_mappings_or_control_refs_with_any_image_input(tmp_path) -> None:
+    picture = Image.new("RGB", (8, 8), (255, 0, 0))
+    path = tmp_path / "c.png"
+    path.write_bytes(b"file")
+    controls = _controls(
+        [
+            ("a", b"raw"),
+            ("a", path, 0.5),
+            {"name": "a", "image": picture, "preprocess": "canny", "start": 0.2},
+            ControlRef(name="a", image=b"ref", end=0.5),
+        ]
+    )
+    assert controls[0] == {"name": "a", "image": b"raw"}
+    assert controls[1] == {"name": "a", "image": b"file", "scale": 0.5}
+    assert controls[2]["image"] == image_bytes(picture)
+    assert (controls[2]["preprocess"], controls[2]["start"]) == ("canny", 0.2)
+    assert controls[3] == {
+        "name": "a",
+        "image": b"ref",
+        "scale": 1.0,
+        "start": 0.0,
+        "end": 0.5,
+        "preprocess": "none",
+    }
+    rules = SubmitRules(limits=Limits(max_controls=3), controlnets=("a",))
+    submit = check_submit(_payload(controls=controls[:3]), rules)
+    assert [control.scale for control in submit.params.controls] == [1.0, 0.5, 1.0]
+    with pytest.raises(RequestRejected) as rejected:
+        check_submit(_payload(controls=_controls([("b", b"x")])), rules)
+    assert rejected.value.field == "params.controls.0.name"
+    with pytest.raises(RequestRejected) as rejected:
+        check_submit(_payload(controls=controls * 2), rules)
+    assert rejected.value.field == "params.controls"
 
 
 def test_image_inputs_are_bytes_pil_or_paths(tmp_path) -> None:
