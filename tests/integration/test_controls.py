@@ -128,6 +128,22 @@ async def test_without_controlnets_there_is_no_feature_and_a_control_is_refused(
 # ---------------------------------------------------------------------- effect
 
 
+@pytest.mark.both_engines
+async def test_controls_work_on_every_engine_kind(start_server, controlnet_folders) -> None:
+    """The embedded engine and engines in Ray actors (which load the ControlNet from the
+    same --controlnet option in their own process) steer alike."""
+    async with start_server(**options("tiny", controlnet_folders)) as server:
+        client = await open_client(server.ws_url)
+        assert "controls" in client.welcome.features
+        base = {"seed": 3, "steps": 3}
+        plain = await image_of(client, "plain", base)
+        steered = await image_of(client, "steered", {**base, "controls": [control()]})
+        zero = await image_of(client, "zero", {**base, "controls": [control(scale=0.0)]})
+        await client.close()
+    assert largest_difference(steered, plain) > VISIBLE
+    assert zero == plain
+
+
 @pytest.mark.parametrize("model_name", MODELS)
 async def test_a_control_steers_the_image_scale_zero_does_not_and_the_window_matters(
     start_server, controlnet_folders, model_name

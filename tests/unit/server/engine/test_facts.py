@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import pickle
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from latentcast.server.engine import ModelFacts, group_key
+from latentcast.server.engine import JobSpec, ModelFacts, group_key
 from latentcast.server.engine.prepare import job_rows
-from latentcast.server.models import LoadedModel
+from latentcast.server.jobs import JobControl
+from latentcast.server.models import LoadedModel, load_model
+from tests.fixtures.controlnets import build_tiny_controlnet
 
 from .support import MODES, make_request
 
@@ -35,6 +39,24 @@ def test_the_facts_are_the_models(tiny: LoadedModel, tiny_sdxl: LoadedModel) -> 
         assert not facts.guidance_embedded
         # lcm refuses more steps than it distils; the others have no limit.
         assert dict(facts.step_limits) == {"lcm": 50}
+        assert facts.controlnets == model.controlnets == ()
+
+
+def test_the_facts_name_the_controlnets_and_a_controlled_request_pickles(
+    model_cache: Path, tmp_path: Path
+) -> None:
+    folder = build_tiny_controlnet(tmp_path / "controlnet")
+    model = load_model("tiny", device="cpu", cache_dir=model_cache, controlnets={"s": folder})
+    facts = ModelFacts.of(model)
+    assert facts.controlnets == ("s",)
+    assert pickle.loads(pickle.dumps(facts)) == facts
+    # A spec with controls crosses to a Ray engine: the request, images included.
+    request = make_request(controls=(JobControl("s", Image.new("RGB", (64, 64)), scale=0.5),))
+    spec = pickle.loads(pickle.dumps(JobSpec("k", request)))
+    (control,) = spec.request.controls
+    assert (control.name, control.scale, control.image.size) == ("s", 0.5, (64, 64))
+    assert facts.group_key(spec) == group_key(model, request)
+    assert facts.group_key(spec).controlnets == ("s",)
 
 
 def test_rows_and_groups_follow_the_engines_rules(tiny: LoadedModel) -> None:
