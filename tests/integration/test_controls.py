@@ -17,6 +17,7 @@ must see:
 from __future__ import annotations
 
 import asyncio
+import io
 from pathlib import Path
 from typing import Any
 
@@ -381,4 +382,86 @@ async def test_every_bad_control_gets_its_code_and_field(start_server, controlne
         # And the session goes on: a good control completes.
         complete = await run_alone(client, "good", {"controls": [control()] * 3})
         assert len(complete.images) == 1
+        await client.close()
+
+
+# ---------------------------------------------------------------------- browser page
+
+
+async def test_a_scribble_drawn_in_the_browser_page_steers_the_image(
+    start_server, controlnet_folders
+) -> None:
+    """In headless Chromium: strokes drawn on the sketch canvas, used "as a scribble
+    control", go out as params.controls (scribble, inverted, the scale slider) and steer
+    the result: another image than without the sketch, and the image a Python client gets
+    with the same control image."""
+    from tests.integration.test_browser import (
+        CHROMIUM,
+        Frames,
+        chromium,
+        open_page,
+        set_fields,
+        wait_for,
+    )
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: `make browser-deps` installs it")
+    frames = Frames()
+    async with (
+        start_server(**options("tiny", controlnet_folders)) as server,
+        chromium() as browser,
+        open_page(browser, server.http_url + "/", frames) as page,
+    ):
+        await page.wait_for_selector("body[data-conn=open]")
+        assert frames.received[0]["model"]["controlnets"] == ["scribble"]
+        await set_fields(page, prompt="a house", steps="3", width="64", height="64", seed="5")
+        await page.click("#generate")
+        plain = await wait_for(page, "s.state === 'complete'")
+
+        # Draw: a few strokes across the canvas (dark brush on the light canvas).
+        box = await page.eval_on_selector(
+            "#sketch", "c => { const r = c.getBoundingClientRect(); return [r.x, r.y, r.width]; }"
+        )
+        x0, y0, side = box
+        for start, end in (((0.2, 0.2), (0.8, 0.2)), ((0.5, 0.1), (0.5, 0.9))):
+            await page.mouse.move(x0 + start[0] * side, y0 + start[1] * side)
+            await page.mouse.down()
+            for k in range(1, 11):
+                t = k / 10
+                await page.mouse.move(
+                    x0 + (start[0] + t * (end[0] - start[0])) * side,
+                    y0 + (start[1] + t * (end[1] - start[1])) * side,
+                )
+            await page.mouse.up()
+        await page.check("#use-sketch")
+        await page.select_option("#sketch-as", "control")
+        await page.click("#generate")
+        steered = await wait_for(page, "s.state === 'complete' && s.job !== a", plain["job"])
+
+        submit = frames.submits()[-1]
+        assert submit["id"] == steered["job"]
+        (sent,) = submit["params"]["controls"]
+        assert (sent["name"], sent["scale"], sent["preprocess"]) == ("scribble", 1, "invert")
+        assert "init_image" not in submit["params"]
+        sketch = np.asarray(Image.open(io.BytesIO(sent["image"])).convert("L"))
+        assert sketch.shape == (64, 64) and sketch.min() < 128 < sketch.max()
+
+        (plain_complete,) = frames.received_for(plain["job"], "complete")
+        (steered_complete,) = frames.received_for(steered["job"], "complete")
+        page_image = steered_complete["images"][0]["data"]
+        assert largest_difference(page_image, plain_complete["images"][0]["data"]) > VISIBLE
+
+        # The same control from a Python client: the same bytes.
+        client = await open_client(server.ws_url)
+        fields = {
+            "prompt": "a house",
+            "seed": 5,
+            "steps": 3,
+            "width": 64,
+            "height": 64,
+            "guidance_scale": submit["params"]["guidance_scale"],
+            "scheduler": submit["params"]["scheduler"],
+            "controls": [sent],
+        }
+        assert await image_of(client, "same", fields) == page_image
         await client.close()
