@@ -6,8 +6,9 @@ must see:
 
 * ``welcome`` lists the ControlNets, ``limits.max_controls`` 3 and the feature;
 * a control changes the image; scale 0 gives the image without control (bit for bit,
-  alone); a start/end window gives yet another image; alone, a txt2img job with a
-  control is the bytes of diffusers' StableDiffusionControlNetPipeline;
+  alone); a start/end window gives yet another image; alone, a job with a control is the
+  bytes of diffusers' ControlNet pipeline of its mode (txt2img, img2img, inpaint; SD 1.x,
+  SDXL and a 9-channel inpainting UNet);
 * a job without controls that shares the engine with controlled jobs gets its lone
   image up to rounding, and so do controlled jobs that share their ControlNet calls;
 * img2img and inpaint run with a control;
@@ -180,31 +181,50 @@ async def test_a_control_steers_the_image_scale_zero_does_not_and_the_window_mat
     assert largest_difference(canny, steered) > VISIBLE
 
 
-async def test_alone_a_txt2img_job_with_controls_is_the_controlnet_pipeline(
-    start_server, controlnet_folders
+#: The diffusers ControlNet pipeline of each mode (SD 1.x / SD 2.x; SDXL adds "XL").
+CONTROLNET_PIPELINES = {
+    "txt2img": "StableDiffusion{xl}ControlNetPipeline",
+    "img2img": "StableDiffusion{xl}ControlNetImg2ImgPipeline",
+    "inpaint": "StableDiffusion{xl}ControlNetInpaintPipeline",
+}
+
+
+@pytest.mark.parametrize("model_name", [*MODELS, "tiny-inpaint"])
+async def test_alone_a_job_with_controls_is_the_controlnet_pipeline(
+    start_server, controlnet_folders, model_name
 ) -> None:
-    """SD 1.x txt2img with a control (scale and window), alone: the bytes of diffusers'
-    StableDiffusionControlNetPipeline with the same seed, scheduler and control image."""
-    async with start_server(**options("tiny", controlnet_folders, max_batch=1)) as server:
+    """Every mode the model has, with a control (scale and window), alone: the bytes of
+    diffusers' ControlNet pipeline of that mode with the same seed, scheduler and control
+    image (inpaint: then composited, as the server does)."""
+    folders = {**controlnet_folders, "tiny-inpaint": controlnet_folders["tiny"]}
+    init = png(noise(64, 64, seed=2))
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 8:40] = 255
+    by_mode = {
+        "txt2img": {"num_images": 2},
+        "img2img": {"init_image": init, "strength": 0.75},
+        "inpaint": {"init_image": init, "mask": png(Image.fromarray(mask)), "strength": 0.75},
+    }
+    async with start_server(**options(model_name, folders, max_batch=1)) as server:
         client = await open_client(server.ws_url)
-        fields = {
-            "seed": 11,
-            "steps": 4,
-            "num_images": 2,
-            "controls": [control(scale=0.7, start=0.25, end=0.75)],
-        }
-        ours = (await run_alone(client, "j", fields)).images
         welcome = client.welcome
+        for mode in welcome.model.modes:
+            fields = {
+                "seed": 11,
+                "steps": 4,
+                "controls": [control(scale=0.7, start=0.25, end=0.75)],
+                **by_mode[mode],
+            }
+            ours = (await run_alone(client, mode, fields)).images
+            request = request_for(fields, welcome)
+            (job_control,) = prepare_controls(
+                _params(fields), welcome.limits, request.width, request.height
+            )
+            direct = await server.engine_thread.call(
+                _controlnet_pipeline_pngs, server.model, request, job_control
+            )
+            assert [image.data for image in ours] == direct, mode
         await client.close()
-        request = request_for(fields, welcome)
-        params_controls = prepare_controls(
-            _params(fields), welcome.limits, request.width, request.height
-        )
-        model = server.model
-        direct = await server.engine_thread.call(
-            _controlnet_pipeline_pngs, model, request, params_controls[0]
-        )
-    assert [image.data for image in ours] == direct
 
 
 def _params(fields: dict[str, Any]) -> Any:
@@ -214,23 +234,30 @@ def _params(fields: dict[str, Any]) -> Any:
 
 
 def _controlnet_pipeline_pngs(model: Any, request: Any, job_control: Any) -> list[bytes]:
-    from diffusers import StableDiffusionControlNetPipeline
+    import diffusers
 
     from latentcast.server.engine import diffusers_arguments
+    from latentcast.server.images import composite
 
-    pipeline = StableDiffusionControlNetPipeline.from_pipe(
-        model.pipeline, controlnet=model.controlnet(job_control.name), dtype=model.dtype
+    xl = "XL" if model.family.name == "sdxl" else ""
+    cls = getattr(diffusers, CONTROLNET_PIPELINES[request.mode].format(xl=xl))
+    pipeline = cls.from_pipe(
+        model.pipeline_for(request.mode),
+        controlnet=model.controlnet(job_control.name),
+        dtype=model.dtype,
     )
     pipeline.set_progress_bar_config(disable=True)
     pipeline.scheduler = model.make_scheduler(request.scheduler)
-    arguments = diffusers_arguments(request)
+    image_argument = "image" if request.mode == "txt2img" else "control_image"
     images = pipeline(
-        **arguments,
-        image=job_control.image,
+        **diffusers_arguments(request),
+        **{image_argument: job_control.image},
         controlnet_conditioning_scale=job_control.scale,
         control_guidance_start=job_control.start,
         control_guidance_end=job_control.end,
     ).images
+    if request.mode == "inpaint":
+        images = [composite(image, request.init_image, request.mask) for image in images]
     return [encode_image(image, "png") for image in images]
 
 
