@@ -15,6 +15,7 @@ diffusers looks the config up in the local Hugging Face cache, which fails offli
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,16 @@ import torch
 
 from .errors import ModelLoadError
 
+logger = logging.getLogger("latentcast.models")
+
 #: ``limits.max_controls`` of a model that has ControlNets (0 without).
 MAX_CONTROLS_PER_JOB = 3
 
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+class ControlNetFamilyMismatch(ModelLoadError):
+    """A ControlNet made for another family than the model's (SD 1.x, SD 2.x, SDXL)."""
 
 
 def _load_controlnets(
@@ -38,13 +45,18 @@ def _load_controlnets(
     *,
     model_name: str,
     family: str,
+    skip_other_families: bool = False,
 ) -> dict[str, Any]:
     """Load every ControlNet of ``controlnets`` ({name: path}) for the model of ``unet``.
 
-    Returns {name: ControlNetModel} on ``device`` in ``dtype``, in eval mode.
+    Returns {name: ControlNetModel} on ``device`` in ``dtype``, in eval mode. With
+    ``skip_other_families`` a ControlNet of another family is left out (logged) instead
+    of refused: for a server whose models are of several families, where each offers
+    the ControlNets of its own.
 
     Raises:
-        ModelLoadError: a path that does not load, or a ControlNet of another family.
+        ControlNetFamilyMismatch: a ControlNet of another family (unless skipped).
+        ModelLoadError: a path that does not load.
     """
     from .loading import _without_empty_fp32_warning
 
@@ -53,7 +65,15 @@ def _load_controlnets(
         path = Path(controlnets[name]).expanduser()
         where = f"--controlnet {name}={path}"
         module = _load_one(path, where)
-        _check_family(module, unet, latent_channels, where, model_name=model_name, family=family)
+        try:
+            _check_family(
+                module, unet, latent_channels, where, model_name=model_name, family=family
+            )
+        except ControlNetFamilyMismatch as exc:
+            if not skip_other_families:
+                raise
+            logger.info("model %s: ControlNet %s left out: %s", model_name, name, exc)
+            continue
         try:
             with _without_empty_fp32_warning():
                 module = module.to(device=device, dtype=dtype).eval()
@@ -122,7 +142,7 @@ def _check_family(
             f"{control.get('in_channels')} input channels (the model's latents: {latent_channels})"
         )
     if mismatches:
-        raise ModelLoadError(
+        raise ControlNetFamilyMismatch(
             f"{where}: this ControlNet is not for model {model_name!r} ({family}): it has "
             f"{'; '.join(mismatches)}. A ControlNet works only with models of the family it "
             "was trained for (SD 1.x, SD 2.x or SDXL)"

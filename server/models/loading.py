@@ -50,6 +50,7 @@ def load_model(
     loras: Mapping[str, Path] = MappingProxyType({}),
     preview_decoder: Path | None = None,
     controlnets: Mapping[str, Path] = MappingProxyType({}),
+    skip_other_families: bool = False,
 ) -> LoadedModel:
     """Load a Stable Diffusion 1.x / 2.x / SDXL model from ``spec``.
 
@@ -78,7 +79,9 @@ def load_model(
     (:meth:`LoadedModel.activate_loras`). ``preview_decoder`` is a local
     ``AutoencoderTiny`` (TAESD) folder whose latent channels match the model's.
     ``controlnets`` maps names to ControlNet folders or single files
-    (:mod:`.controlnets`); each must be of the model's family.
+    (:mod:`.controlnets`); each must be of the model's family, unless
+    ``skip_other_families``, which leaves the others out (a server of several models
+    offers each ControlNet on the models of its family).
 
     Raises:
         ValueError: bad ``device`` or ``dtype`` string, or device unavailable.
@@ -95,6 +98,7 @@ def load_model(
             loras=loras,
             preview_decoder=preview_decoder,
             controlnets=controlnets,
+            skip_other_families=skip_other_families,
         )
 
 
@@ -108,6 +112,7 @@ def _load_model(
     loras: Mapping[str, Path],
     preview_decoder: Path | None,
     controlnets: Mapping[str, Path],
+    skip_other_families: bool,
 ) -> LoadedModel:
     torch_device = resolve_device(device)
     torch_dtype = _parse_dtype(dtype) if dtype is not None else default_dtype(torch_device)
@@ -145,7 +150,16 @@ def _load_model(
     if hasattr(pipeline, "safety_checker"):
         pipeline.safety_checker = None
     pipeline.set_progress_bar_config(disable=True)
-    return _describe(spec, pipeline, torch_device, torch_dtype, loras, preview_decoder, controlnets)
+    return _describe(
+        spec,
+        pipeline,
+        torch_device,
+        torch_dtype,
+        loras,
+        preview_decoder,
+        controlnets,
+        skip_other_families=skip_other_families,
+    )
 
 
 def _tiny_folder(name: str, cache: Path) -> Path:
@@ -177,6 +191,8 @@ def _describe(
     loras: Mapping[str, Path],
     preview_decoder: Path | None,
     controlnets: Mapping[str, Path],
+    *,
+    skip_other_families: bool = False,
 ) -> LoadedModel:
     import diffusers
 
@@ -223,6 +239,7 @@ def _describe(
         dtype,
         model_name=name,
         family=family.name,
+        skip_other_families=skip_other_families,
     )
     model = LoadedModel(
         name=name,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from latentcast.server.models import LoadedModel, ModelLoadError, load_model
-from latentcast.server.models.controlnets import MAX_CONTROLS_PER_JOB
+from latentcast.server.models.controlnets import MAX_CONTROLS_PER_JOB, ControlNetFamilyMismatch
 from tests.fixtures.controlnets import build_tiny_controlnet
 
 
@@ -79,6 +79,19 @@ def test_a_controlnet_of_another_family_is_a_startup_error_naming_the_option(
     assert f"--controlnet cn={folder}" in message
     assert f"not for model {model!r}" in message
     assert "cross-attention dim" in message or "added conditioning" in message
+
+
+def test_a_server_of_several_families_may_skip_the_others_controlnets(
+    tiny_cache: Path, controlnet_folders: dict[str, Path]
+) -> None:
+    both = {"sd1-scribble": controlnet_folders["sd1"], "xl-scribble": controlnet_folders["sdxl"]}
+    for model, kept in (("tiny", "sd1-scribble"), ("tiny-sdxl", "xl-scribble")):
+        loaded = load_model(
+            model, device="cpu", cache_dir=tiny_cache, controlnets=both, skip_other_families=True
+        )
+        assert loaded.controlnets == (kept,)
+    with pytest.raises(ControlNetFamilyMismatch):
+        load_model("tiny", device="cpu", cache_dir=tiny_cache, controlnets=both)
 
 
 def test_missing_and_unreadable_controlnets_are_named(tmp_path: Path, tiny_cache: Path) -> None:
