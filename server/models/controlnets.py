@@ -7,7 +7,7 @@ and it must read the VAE's latent channels. Anything else is refused at start, n
 the option, rather than failing on the first job.
 
 PATH is a diffusers ``ControlNetModel`` folder (``config.json`` and its weights) or a
-single ``.safetensors`` / ``.ckpt`` file in the original layout. A single file holds no
+single ``.safetensors`` / ``.ckpt`` / ``.pth`` file in the original layout. A single file holds no
 config: a ``config.json`` in the same folder is used when there is one; otherwise
 diffusers looks the config up in the local Hugging Face cache, which fails offline
 (``HF_HUB_OFFLINE``) unless it was cached before.
@@ -29,7 +29,9 @@ logger = logging.getLogger("latentcast.models")
 #: ``limits.max_controls`` of a model that has ControlNets (0 without).
 MAX_CONTROLS_PER_JOB = 3
 
-_SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+#: Single files: the original ControlNet releases are ``.pth`` (lllyasviel's v1.1) or
+#: ``.safetensors``; ``.ckpt`` as for models.
+_SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth")
 
 
 class ControlNetFamilyMismatch(ModelLoadError):
@@ -99,7 +101,8 @@ def _load_one(path: Path, where: str) -> Any:
     if path.is_file():
         if path.suffix.lower() not in _SINGLE_FILE_SUFFIXES:
             raise ModelLoadError(
-                f"{where}: not a .safetensors or .ckpt file, nor a diffusers ControlNet folder"
+                f"{where}: not a .safetensors, .ckpt or .pth file, nor a diffusers ControlNet "
+                "folder"
             )
         config = path.parent if (path.parent / "config.json").is_file() else None
         extra: dict[str, Any] = {"config": str(config)} if config is not None else {}

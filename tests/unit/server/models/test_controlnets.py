@@ -104,7 +104,7 @@ def test_missing_and_unreadable_controlnets_are_named(tmp_path: Path, tiny_cache
         load_model("tiny", device="cpu", cache_dir=tiny_cache, controlnets={"cn": empty})
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    with pytest.raises(ModelLoadError, match=r"not a \.safetensors or \.ckpt file"):
+    with pytest.raises(ModelLoadError, match=r"not a \.safetensors, \.ckpt or \.pth file"):
         load_model("tiny", device="cpu", cache_dir=tiny_cache, controlnets={"cn": text})
 
 
@@ -127,3 +127,12 @@ def test_a_single_file_with_its_config_beside_it_loads_offline(
     reference = tiny_controlled.controlnet("scribble").state_dict()
     assert loaded.keys() == reference.keys()
     assert all(torch.equal(loaded[key], reference[key]) for key in reference)
+
+
+def test_a_single_file_without_its_config_says_what_to_do_offline(
+    tmp_path: Path, tiny_cache: Path, controlnet_folders: dict[str, Path]
+) -> None:
+    weights = tmp_path / "scribble.safetensors"
+    shutil.copy(controlnet_folders["sd1"] / "diffusion_pytorch_model.safetensors", weights)
+    with pytest.raises(ModelLoadError, match=r"put the ControlNet's config\.json beside it"):
+        load_model("tiny", device="cpu", cache_dir=tiny_cache, controlnets={"s": weights})
