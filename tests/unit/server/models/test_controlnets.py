@@ -68,7 +68,9 @@ def test_sdxl_takes_an_sdxl_controlnet(
     assert model.controlnet("scribble").config.addition_embed_type == "text_time"
 
 
-@pytest.mark.parametrize(("model", "other"), [("tiny", "sdxl"), ("tiny-sdxl", "sd1")])
+@pytest.mark.parametrize(
+    ("model", "other"), [("tiny", "sdxl"), ("tiny-sdxl", "sd1")], ids=["sd1-model", "sdxl-model"]
+)
 def test_a_controlnet_of_another_family_is_a_startup_error_naming_the_option(
     tiny_cache: Path, controlnet_folders: dict[str, Path], model: str, other: str
 ) -> None:
