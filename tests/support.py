@@ -7,6 +7,7 @@ integration tests see exactly what the server sends.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import threading
 import time
@@ -306,3 +307,61 @@ def metric_samples(server: Any, histogram: str) -> dict[str, float]:
             if line.startswith(f"{histogram}_{part} "):
                 values[part] = float(line.split()[-1])
     return values
+
+
+# ---------------------------------------------------------------------- guarantees
+
+#: A job's states in the order PROTOCOL.md 5.3 allows; a state may only move forward.
+_JOB_ORDER = {"accepted": 0, "queued": 1, "started": 2, "progress": 3, "preview": 3}
+
+
+def check_guarantees(
+    submitted: list[str], messages: list[Any], *, all_ended: bool = True, seq: bool = False
+) -> None:
+    """Assert guarantees 1-3 of PROTOCOL.md section 5 over what one session received.
+
+    ``submitted``: the ids of the session's submits, in order. ``messages``: everything
+    received, in order (``welcome`` messages, one per connection, are skipped), e.g. the
+    concatenation over the connections of a resumed session. 1: exactly one
+    ``accepted`` or (non-terminal) ``error`` per submit, in the order of the submits.
+    2: exactly one terminal message per accepted job (when ``all_ended``), nothing about
+    the job after it. 3: accepted, queued*, started, (progress|preview)*, terminal.
+    ``seq``: every message carries a seq, strictly increasing.
+    """
+    body = [m for m in messages if m.type != "welcome"]
+    if seq:
+        seqs = [m.seq for m in body]
+        assert all(isinstance(s, int) for s in seqs), f"a message without seq: {seqs}"
+        assert all(a < b for a, b in itertools.pairwise(seqs)), f"seq order: {seqs}"
+    answers = [
+        m.id
+        for m in body
+        if m.type == "accepted"
+        or (
+            m.type == "error"
+            and m.id is not None
+            and m.code not in TERMINAL_ERROR_CODES
+            and m.code != "unknown_job"
+        )
+    ]
+    assert answers == submitted, f"answers {answers} for submits {submitted}"
+    state: dict[str, str] = {}  # job id -> the last message type of its current job
+    for index, message in enumerate(body):
+        job_id = getattr(message, "id", None)
+        where = f"message {index} ({message.type} {job_id})"
+        if message.type == "accepted":
+            assert state.get(job_id, "ended") == "ended", f"{where}: id still unfinished"
+            state[job_id] = "accepted"
+        elif message.type in _JOB_ORDER:
+            last = state.get(job_id, "ended")
+            assert last != "ended", f"{where}: about a job that is not (or no longer) running"
+            assert _JOB_ORDER[last] <= _JOB_ORDER[message.type], f"{where} after {last}"
+            if message.type in ("progress", "preview"):
+                assert last != "accepted" and last != "queued", f"{where} before started"
+            state[job_id] = message.type
+        elif is_terminal(message):
+            assert state.get(job_id, "ended") != "ended", f"{where}: a second terminal"
+            state[job_id] = "ended"
+    if all_ended:
+        unfinished = sorted(job for job, last in state.items() if last != "ended")
+        assert not unfinished, f"jobs without a terminal message: {unfinished}"

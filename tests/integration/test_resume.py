@@ -1,0 +1,251 @@
+"""Resumable sessions over real sockets (PROTOCOL.md section 2a)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from latentcast.protocol import Cancelled, Complete, Progress
+from tests.support import (
+    ONE_AT_A_TIME,
+    Client,
+    check_guarantees,
+    is_terminal,
+    open_client,
+    wait_for,
+)
+
+#: A job that runs long enough to be cut in the middle on any machine, with short steps.
+RUNNING: dict[str, Any] = {"steps": 40, "width": 128, "height": 128}
+LATENT_PREVIEWS: dict[str, Any] = {"kind": "latent"}
+
+
+def resume_url(server: Any, token: str | None, after: int | str | None) -> str:
+    query = [f"resume={token}"] if token is not None else []
+    if after is not None:
+        query.append(f"after={after}")
+    return f"{server.ws_url}?{'&'.join(query)}"
+
+
+def last_seq(client: Client) -> int:
+    seqs = [m.seq for m in client.received if m.type != "welcome"]
+    return seqs[-1] if seqs else 0
+
+
+async def drop(client: Client) -> None:
+    """Lose the connection without a close frame, as a network that goes away would."""
+    client.ws.transport.abort()
+    await client.ws.wait_closed()
+
+
+async def test_welcome_offers_resume_and_a_token_only_when_asked(start_server) -> None:
+    async with start_server() as server:
+        plain = await open_client(server.ws_url)
+        assert "resume" in plain.welcome.features
+        assert plain.welcome.resume_token is None and plain.welcome.resumed is False
+        await plain.submit("plain", steps=1)
+        assert all(m.seq is None for m in await plain.job_messages("plain"))
+        resumable = await open_client(server.ws_url + "?resumable=1")
+        token = resumable.welcome.resume_token
+        assert isinstance(token, str) and len(token) >= 22  # >= 128 bits in base64url
+        assert resumable.welcome.resumed is False
+        await resumable.submit("one", steps=2)
+        await resumable.job_messages("one")
+        check_guarantees(["one"], resumable.received, seq=True)
+        assert resumable.received[0].seq == 1, "seq starts at 1 after welcome"
+        await plain.close()
+        await resumable.close()
+
+
+async def test_a_dropped_connection_is_resumed_with_every_job_intact(start_server) -> None:
+    """Test 1 of the brief: abort mid-job, resume after the last seq processed; across
+    both connections guarantees 1-3 hold for every job (queued ones, the running one,
+    previews on), and the seq goes on strictly increasing."""
+    async with start_server(**ONE_AT_A_TIME) as server:
+        first = await open_client(server.ws_url + "?resumable=1")
+        token = first.welcome.resume_token
+        submitted = ["running", "queued-1", "queued-2", "queued-3"]
+        await first.submit("running", preview=LATENT_PREVIEWS, **RUNNING)
+        for job_id in submitted[1:]:
+            await first.submit(job_id, steps=3, preview=LATENT_PREVIEWS)
+        await first.recv_until(
+            lambda m: isinstance(m, Progress) and m.id == "running" and m.step >= 2
+        )
+        await drop(first)
+        # The session's jobs go on while it is detached.
+        await wait_for(lambda: not server.sessions)
+        assert len(server.scheduler.unfinished) == 4
+        second = await open_client(resume_url(server, token, last_seq(first)))
+        assert second.welcome.resumed is True
+        assert second.welcome.session == first.welcome.session
+        assert second.welcome.resume_token not in (None, token)
+        for job_id in submitted:
+            await second.ended(job_id)
+        everything = first.received + second.received
+        check_guarantees(submitted, everything, seq=True)
+        assert all(isinstance(m, Complete) for m in everything if is_terminal(m))
+        await second.close()
+
+
+async def test_after_the_window_the_session_is_gone_and_its_jobs_cancelled(start_server) -> None:
+    async with start_server(resume_window=0.5, **ONE_AT_A_TIME) as server:
+        first = await open_client(server.ws_url + "?resumable=1")
+        await first.submit("running", **RUNNING)
+        await first.recv_until(lambda m: m.type == "started")
+        await drop(first)
+        await wait_for(lambda: not server.scheduler.unfinished)
+        second = await open_client(resume_url(server, first.welcome.resume_token, last_seq(first)))
+        assert second.welcome.resumed is False
+        assert second.welcome.session != first.welcome.session
+        metrics = server.metrics.render().decode()
+        assert 'latentcast_jobs_total{outcome="cancelled"} 1.0' in metrics
+        assert "latentcast_session_resume_expiries_total 1.0" in metrics
+        await second.close()
+
+
+async def test_a_token_resumes_once_and_a_wrong_one_never(start_server) -> None:
+    async with start_server() as server:
+        first = await open_client(server.ws_url + "?resumable=1")
+        token = first.welcome.resume_token
+        await first.submit("one", steps=1)
+        await first.job_messages("one")
+        await drop(first)
+        second = await open_client(resume_url(server, token, last_seq(first)))
+        assert second.welcome.resumed is True
+        await drop(second)
+        reused = await open_client(resume_url(server, token, last_seq(first)))
+        assert reused.welcome.resumed is False
+        assert reused.welcome.session != first.welcome.session
+        assert reused.welcome.resume_token is not None, "a failed resume is resumable itself"
+        wrong = await open_client(resume_url(server, "x" * 32, 0))
+        assert wrong.welcome.resumed is False
+        assert wrong.welcome.session not in (first.welcome.session, reused.welcome.session)
+        # The token of the second connection still works.
+        third = await open_client(resume_url(server, second.welcome.resume_token, 0))
+        assert third.welcome.resumed is True
+        assert third.welcome.session == first.welcome.session
+        for client in (reused, wrong, third):
+            await client.close()
+
+
+@pytest.mark.parametrize("after", ["-1", "two", "99999"])
+async def test_a_bad_after_gives_a_new_session_and_ends_the_old_one(start_server, after) -> None:
+    async with start_server(**ONE_AT_A_TIME) as server:
+        first = await open_client(server.ws_url + "?resumable=1")
+        await first.submit("running", **RUNNING)
+        await first.recv_until(lambda m: m.type == "started")
+        await drop(first)
+        second = await open_client(resume_url(server, first.welcome.resume_token, after))
+        assert second.welcome.resumed is False
+        assert second.welcome.session != first.welcome.session
+        await wait_for(lambda: not server.scheduler.unfinished)
+        await second.close()
+
+
+async def test_a_lower_after_replays_exactly_the_kept_messages(start_server) -> None:
+    """Test 5: what comes again has its old seq and content; nothing non-droppable is
+    sent twice beyond that."""
+    async with start_server(**ONE_AT_A_TIME) as server:
+        first = await open_client(server.ws_url + "?resumable=1")
+        await first.submit("a", steps=2)
+        await first.submit("b", steps=2)
+        await first.job_messages("b")
+        await first.submit("running", **RUNNING)
+        await first.recv_until(lambda m: m.type == "started")
+        await drop(first)
+        after = 2
+        second = await open_client(resume_url(server, first.welcome.resume_token, after))
+        assert second.welcome.resumed is True
+        await second.ended("running")
+        old = {m.seq: m for m in first.received if m.type != "welcome"}
+        again = [m for m in second.received if m.seq in old]
+        non_droppable_old = [
+            m for seq, m in sorted(old.items()) if seq > after and m.type not in _DROPPABLE
+        ]
+        assert [m for m in again if m.type not in _DROPPABLE] == non_droppable_old
+        for message in again:
+            assert message == old[message.seq], "a replayed message is the same message"
+        # Beyond the replay, each job's non-droppable messages come once.
+        body = first.received + [m for m in second.received if m.seq not in old]
+        check_guarantees(["a", "b", "running"], body, seq=True)
+        await second.close()
+
+
+_DROPPABLE = ("queued", "progress", "preview")
+
+
+async def test_a_resume_wins_over_a_connection_still_open(start_server) -> None:
+    async with start_server(**ONE_AT_A_TIME) as server:
+        first = await open_client(server.ws_url + "?resumable=1")
+        await first.submit("running", preview=LATENT_PREVIEWS, **RUNNING)
+        await first.recv_until(lambda m: m.type == "started")
+        second = await open_client(resume_url(server, first.welcome.resume_token, last_seq(first)))
+        assert second.welcome.resumed is True
+        await first.ws.wait_closed()
+        assert first.ws.close_code in (1000, 1001)
+        # Whatever the first connection read before it was closed counts as processed.
+        await second.ended("running")
+        seen = {m.seq for m in first.received}
+        check_guarantees(
+            ["running"], first.received + [m for m in second.received if m.seq not in seen]
+        )
+        await second.close()
+
+
+async def test_a_resume_is_let_through_during_drain_and_gets_its_terminal_messages(
+    start_server,
+) -> None:
+    async with start_server(drain_timeout=60, **ONE_AT_A_TIME) as server:
+        first = await open_client(server.ws_url + "?resumable=1")
+        await first.submit("running", **RUNNING)
+        await first.submit("queued", steps=2)
+        await first.recv_until(lambda m: m.type == "started")
+        await drop(first)
+        await wait_for(lambda: not server.sessions)
+        drain = asyncio.create_task(server.drain())
+        await wait_for(lambda: server.phase.value == "draining")
+        with pytest.raises(InvalidStatus) as refused:
+            await open_client(server.ws_url + "?resumable=1")
+        assert refused.value.response.status_code == 503
+        with pytest.raises(InvalidStatus):
+            await open_client(resume_url(server, "not-a-token", 0))
+        second = await open_client(resume_url(server, first.welcome.resume_token, last_seq(first)))
+        assert second.welcome.resumed is True
+        await second.ended("queued")
+        messages = first.received + second.received
+        assert [m.type for m in messages].count("draining") == 1
+        check_guarantees(["running", "queued"], messages, seq=True)
+        await drain
+        await second.ws.wait_closed()
+        assert second.ws.close_code == 1001
+
+
+async def test_a_resumable_session_closed_by_the_client_keeps_its_jobs(start_server) -> None:
+    """A polite close is a connection that closes, too: the jobs wait for a resume."""
+    async with start_server(**ONE_AT_A_TIME) as server:
+        first = await open_client(server.ws_url + "?resumable=1")
+        await first.submit("running", steps=8)
+        await first.recv(), await first.recv()  # accepted, and something more
+        await first.close()
+        second = await open_client(resume_url(server, first.welcome.resume_token, last_seq(first)))
+        assert second.welcome.resumed is True
+        terminal = await second.ended("running")
+        assert not isinstance(terminal, Cancelled)
+        await second.close()
+
+
+async def test_resuming_needs_a_valid_auth_token(start_server) -> None:
+    async with start_server(tokens=("secret",)) as server:
+        first = await open_client(server.ws_url + "?resumable=1&token=secret")
+        await drop(first)
+        with pytest.raises(InvalidStatus) as refused:
+            await open_client(resume_url(server, first.welcome.resume_token, 0))
+        assert refused.value.response.status_code == 401
+        second = await open_client(
+            resume_url(server, first.welcome.resume_token, 0) + "&token=secret"
+        )
+        assert second.welcome.resumed is True
+        await second.close()
