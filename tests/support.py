@@ -365,3 +365,64 @@ def check_guarantees(
     if all_ended:
         unfinished = sorted(job for job, last in state.items() if last != "ended")
         assert not unfinished, f"jobs without a terminal message: {unfinished}"
+
+
+# ---------------------------------------------------------------------- a TCP relay
+
+
+class TcpRelay:
+    """A relay on 127.0.0.1 in front of a server's port, to lose connections at will.
+
+    ``url(server_url)`` is the server's URL through the relay. :meth:`drop` resets every
+    relayed connection at once on both sides (no close frame: the network went away);
+    :meth:`stop` also stops listening, so that connecting again is refused.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self._target_port = target_port
+        self._listener: asyncio.Server | None = None
+        self._transports: list[asyncio.BaseTransport] = []
+        self._pipes: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def start(self) -> None:
+        self._listener = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self._listener.sockets[0].getsockname()[1]
+
+    def url(self, server_url: str) -> str:
+        return server_url.replace(f":{self._target_port}/", f":{self.port}/", 1)
+
+    def drop(self) -> None:
+        for transport in self._transports:
+            transport.abort()  # type: ignore[attr-defined]
+        self._transports.clear()
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        self.drop()
+        for pipe in list(self._pipes):
+            pipe.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(
+            "127.0.0.1", self._target_port
+        )
+        self._transports += [writer.transport, upstream_writer.transport]
+        for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
+            pipe = asyncio.create_task(_pipe(source, sink))
+            self._pipes.add(pipe)
+            pipe.add_done_callback(self._pipes.discard)
+
+
+async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    try:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        sink.transport.abort()

@@ -8,10 +8,12 @@ from typing import Any
 import pytest
 from websockets.exceptions import InvalidStatus
 
+from latentcast.client import ConnectionLost, connect
 from latentcast.protocol import Cancelled, Complete, Progress
 from tests.support import (
     ONE_AT_A_TIME,
     Client,
+    TcpRelay,
     check_guarantees,
     is_terminal,
     open_client,
@@ -249,3 +251,57 @@ async def test_resuming_needs_a_valid_auth_token(start_server) -> None:
         )
         assert second.welcome.resumed is True
         await second.close()
+
+
+# --------------------------------------------------------------------------- the client
+
+
+async def test_the_python_client_resumes_by_itself_and_its_jobs_go_on(start_server) -> None:
+    async with start_server(**ONE_AT_A_TIME) as server:
+        relay = TcpRelay(server.port)
+        await relay.start()
+        async with connect(relay.url(server.ws_url), resume_backoff=0.05) as client:
+            assert client.welcome.resume_token is not None
+            running = await client.submit("running", preview="latent", **RUNNING)
+            queued = await client.submit("queued", steps=3, preview="latent")
+            events = []
+
+            async def read() -> None:
+                async for event in running:
+                    events.append(event)
+
+            reader = asyncio.create_task(read())
+            async with asyncio.timeout(60):
+                while running.progress is None or running.progress.step < 2:
+                    await asyncio.sleep(0.01)
+            relay.drop()
+            result = await running.result()
+            assert len(result.images) == 1
+            assert len((await queued.result()).images) == 1
+            await reader
+            assert client.resumes == 1
+            assert client.session == client.welcome.session
+            check_guarantees([running.id], events)
+            # The session goes on: a new job on the new connection.
+            assert len((await (await client.submit("after", steps=1)).result()).images) == 1
+        await relay.stop()
+
+
+async def test_the_python_client_gives_up_after_its_tries_with_connection_lost(
+    start_server,
+) -> None:
+    async with start_server(**ONE_AT_A_TIME) as server:
+        relay = TcpRelay(server.port)
+        await relay.start()
+        client = await connect(relay.url(server.ws_url), resume_tries=3, resume_backoff=0.05)
+        running = await client.submit("running", **RUNNING)
+        async with asyncio.timeout(60):
+            while running.started is None:
+                await asyncio.sleep(0.01)
+        await relay.stop()  # the connection is lost and nothing answers any more
+        with pytest.raises(ConnectionLost):
+            await running.result()
+        assert client.closed and client.resumes == 0
+        await client.close()
+        # The server still has the session for its window: the jobs go on meanwhile.
+        assert server.scheduler.unfinished
