@@ -189,7 +189,7 @@ async def wait_for(predicate: Callable[[], object], timeout: float = TIMEOUT) ->
 
 
 async def open_stalled_client(
-    server: Any, *, rcvbuf: int = 4096, server_sndbuf: int | None = 4096
+    server: Any, *, rcvbuf: int = 4096, server_sndbuf: int | None = 4096, query: str = ""
 ) -> StalledClient:
     """Connect to ``server`` (a started ``latentcast.server.app.Server``) and never read.
 
@@ -214,6 +214,8 @@ async def open_stalled_client(
     The stall is a state, not a timing: wait for it with :func:`wait_for` on
     ``client.session.buffer.reliable_backlog`` (and, to be sure the writer is stuck on a
     big message, on that message's job having ended), never with a sleep.
+
+    ``query`` goes on the URL (``"?resumable=1"``).
     """
     import socket
 
@@ -224,7 +226,9 @@ async def open_stalled_client(
         sock.setblocking(False)
         await loop.sock_connect(sock, ("127.0.0.1", server.port))
         address = sock.getsockname()[:2]
-        ws = await connect(server.ws_url, sock=sock, max_queue=1, compression=None, max_size=None)
+        ws = await connect(
+            server.ws_url + query, sock=sock, max_queue=1, compression=None, max_size=None
+        )
     except BaseException:
         sock.close()
         raise

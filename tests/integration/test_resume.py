@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -17,12 +18,22 @@ from tests.support import (
     check_guarantees,
     is_terminal,
     open_client,
+    open_stalled_client,
     wait_for,
 )
 
 #: A job that runs long enough to be cut in the middle on any machine, with short steps.
 RUNNING: dict[str, Any] = {"steps": 40, "width": 128, "height": 128}
 LATENT_PREVIEWS: dict[str, Any] = {"kind": "latent"}
+#: A result (four 128x128 PNGs of noise) big enough to block the writer of a client that
+#: does not read (tests/support.py, open_stalled_client).
+BIG: dict[str, Any] = {
+    "width": 128,
+    "height": 128,
+    "num_images": 4,
+    "steps": 2,
+    "guidance_scale": 1.0,
+}
 
 
 def resume_url(server: Any, token: str | None, after: int | str | None) -> str:
@@ -305,3 +316,52 @@ async def test_the_python_client_gives_up_after_its_tries_with_connection_lost(
         await client.close()
         # The server still has the session for its window: the jobs go on meanwhile.
         assert server.scheduler.unfinished
+
+
+async def test_a_resumable_client_that_does_not_read_is_detached_not_ended(start_server) -> None:
+    """A send timeout closes the connection (1008) but keeps the session for a resume: the
+    client may be on a network that died."""
+    async with start_server(send_timeout=1.0, **ONE_AT_A_TIME) as server:
+        stalled = await open_stalled_client(server, query="?resumable=1")
+        session = stalled.session
+        token = (await stalled.resume()).welcome.resume_token  # reads welcome, nothing more
+        await stalled.submit("big", **BIG)
+        await stalled.submit("next", steps=2)
+        await wait_for(lambda: session not in server.sessions, timeout=15)
+        assert "latentcast_slow_client_disconnects_total 1.0" in server.metrics.render().decode()
+        assert session in server.resumes.detached_sessions()
+        assert not session.buffer.closed
+        second = await open_client(resume_url(server, token, 0))
+        assert second.welcome.resumed is True
+        await second.ended("next")
+        check_guarantees(["big", "next"], second.received, seq=True)
+        assert second.received[0].seq == 1, "after=0: everything kept comes again"
+        await second.close()
+        await stalled.close()
+
+
+async def test_tokens_never_reach_the_log(start_server, caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="latentcast")
+    async with start_server() as server:
+        first = await open_client(server.ws_url + "?resumable=1")
+        await first.submit("one", steps=1)
+        await first.job_messages("one")
+        await drop(first)
+        second = await open_client(resume_url(server, first.welcome.resume_token, 1))
+        assert second.welcome.resumed is True
+        refused = await open_client(resume_url(server, first.welcome.resume_token, 1))
+        assert refused.welcome.resumed is False
+        await second.close()
+        await refused.close()
+    tokens = [first.welcome.resume_token, second.welcome.resume_token]
+    tokens.append(refused.welcome.resume_token)
+    assert "resumed" in caplog.text
+    for token in tokens:
+        assert token is not None and token not in caplog.text
+
+
+async def test_a_python_client_can_ask_for_an_ordinary_session(start_server) -> None:
+    async with start_server() as server, connect(server.ws_url, resumable=False) as client:
+        assert client.welcome.resume_token is None
+        job = await client.submit("plain", steps=1)
+        assert len((await job.result()).images) == 1
