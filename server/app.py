@@ -593,6 +593,7 @@ class Server:
         if self.phase is Phase.CLOSED:
             return not self._thread.alive
         self._set_phase(Phase.CLOSED)
+        self.resumes.close()  # no expiry timer outlives the server (drain() did it already)
         if self._ws_server is not None:
             # drain() closed every session; what remains are connections still in their
             # handshake (refused with 503 from now on) and sessions drain() never saw.

@@ -573,14 +573,17 @@ class Connecting:
             resume_backoff=self._resume_backoff,
         )
 
-    async def _open_ws(self, url: str) -> tuple[ClientConnection, Welcome]:
-        """Connect to ``url`` and read its welcome; raises ConnectFailed."""
+    async def _open_ws(self, connect_url: str) -> tuple[ClientConnection, Welcome]:
+        """Connect to ``connect_url`` (the URL with this connection's query) and read its
+        welcome; raises ConnectFailed, whose messages name the URL given to connect()
+        (never a resume token)."""
+        url = self._url
         headers = dict(self._headers)
         if self._token is not None:
             headers["Authorization"] = f"Bearer {self._token}"
         try:
             ws = await ws_connect(
-                url,
+                connect_url,
                 additional_headers=headers,
                 compression=None,
                 # Unlimited until welcome says how large messages may be.
