@@ -433,6 +433,8 @@ class Client:
         if not self._seen.fresh(message.seq):
             logger.debug("skipping %s seq %s: processed already", message.type, message.seq)
             return
+        if self._closing:
+            return  # close() was called: unfinished jobs end with ConnectionLost
         if isinstance(message, Draining):
             self.drain_deadline = time.monotonic() + message.deadline_ms / 1000
             self.draining.set()

@@ -295,6 +295,12 @@ async def test_the_python_client_resumes_by_itself_and_its_jobs_go_on(start_serv
             check_guarantees([running.id], events)
             # The session goes on: a new job on the new connection.
             assert len((await (await client.submit("after", steps=1)).result()).images) == 1
+            # A submit made while the connection is being taken over again (sent on the
+            # lost connection, or on the new one) is answered all the same.
+            relay.drop()
+            during = await client.submit("during", steps=1)
+            assert len((await during.result()).images) == 1
+            assert client.resumes == 2
         await relay.stop()
 
 
