@@ -100,6 +100,7 @@ async def test_a_dropped_connection_is_resumed_with_every_job_intact(start_serve
         everything = first.received + second.received
         check_guarantees(submitted, everything, seq=True)
         assert all(isinstance(m, Complete) for m in everything if is_terminal(m))
+        assert "latentcast_session_resumes_total 1.0" in server.metrics.render().decode()
         await second.close()
 
 
