@@ -175,7 +175,12 @@ class Session:
             if resumed_after is None:
                 self.send(welcome)
             else:
-                await self._send_resumed(welcome, resumed_after)
+                try:
+                    async with asyncio.timeout(self.context.config.send_timeout):
+                        await self._send_resumed(welcome, resumed_after)
+                except TimeoutError:
+                    await self.close_stalled()  # detached again, not ended
+                    return
             writer = asyncio.create_task(self._write(), name=f"writer-{self.id}")
             await self._read()
         except ConnectionClosed:
