@@ -13,6 +13,10 @@ with its models (with the limits, schedulers and LoRAs from ``welcome``, so a ba
 request fails here exactly as the server would answer it), and frames are decoded with
 its codec. The reader task routes each server message to its job by id and never waits
 on a consumer (see :mod:`latentcast.client.job`).
+
+Sessions are resumable (PROTOCOL.md section 2a) when the server offers it: a connection
+lost without a deliberate close is taken over again by the reader (``Client._resume``),
+messages already processed are dropped by their ``seq``, and the jobs never notice.
 """
 
 from __future__ import annotations
