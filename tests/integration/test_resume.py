@@ -372,3 +372,26 @@ async def test_a_python_client_can_ask_for_an_ordinary_session(start_server) -> 
         assert client.welcome.resume_token is None
         job = await client.submit("plain", steps=1)
         assert len((await job.result()).images) == 1
+
+
+async def test_a_coalesced_message_never_sent_uses_no_seq(start_server) -> None:
+    """The seq is given as the writer takes a message: a reader that lags gets fewer
+    progress messages (latest wins), and their numbers still have no gaps."""
+    async with start_server(send_timeout=120, **ONE_AT_A_TIME) as server:
+        stalled = await open_stalled_client(server, query="?resumable=1")
+        # Two big results: the client's side takes in the first whole (one frame), the
+        # second blocks the server's writer (tests/support.py, open_stalled_client).
+        await stalled.submit("big-1", **BIG)
+        await stalled.submit("big-2", **BIG)
+        await stalled.submit("steps", steps=20, preview={"kind": "latent"})
+        session = stalled.session
+        complete = 'latentcast_jobs_total{outcome="complete"} 3.0'
+        await wait_for(lambda: complete in server.metrics.render().decode())  # none read
+        assert session.buffer.reliable_backlog > 0, "the writer was blocked meanwhile"
+        late = await stalled.resume()
+        messages = await late.recv_until(lambda m: is_terminal(m, "steps"))
+        progress = [m for m in messages if isinstance(m, Progress) and m.id == "steps"]
+        assert len(progress) < 20, "progress messages were coalesced"
+        assert [m.seq for m in messages] == list(range(1, len(messages) + 1))
+        check_guarantees(["big-1", "big-2", "steps"], messages, seq=True)
+        await late.close()
