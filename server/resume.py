@@ -264,7 +264,7 @@ class ResumeRegistry(Generic[SessionT]):
         loop = asyncio.get_running_loop()
         timer = loop.call_later(self.window, self._expire, session)
         self._timers[session.id] = (session, timer)
-        logger.info("session=%s detached: resumable for %.0f s", session.id, self.window)
+        logger.info("session=%s detached: resumable for %g s", session.id, self.window)
 
     def attached(self, session: SessionT) -> None:
         """``session`` has a connection again: no expiry while it keeps it."""
@@ -289,7 +289,7 @@ class ResumeRegistry(Generic[SessionT]):
         self._timers.pop(session.id, None)
         self._void(session.id)
         self._metrics.resume_expiries.inc()
-        logger.info("session=%s was not resumed within %.0f s: ending it", session.id, self.window)
+        logger.info("session=%s was not resumed within %g s: ending it", session.id, self.window)
         session.expire()
 
     def _find(self, token: str) -> _Entry[SessionT] | None:

@@ -141,6 +141,8 @@ class Client:
         self._unanswered: list[Job] = []
         #: How many times the session was taken over again after a lost connection.
         self.resumes = 0
+        #: Why the last resume failed, for the ConnectionLost that jobs then get.
+        self._resume_failure: str | None = None
         self._reader = asyncio.create_task(self._read(), name=f"latentcast-reader-{url}")
 
     def __repr__(self) -> str:
@@ -367,6 +369,7 @@ class Client:
         if token is None or self._reopen is None or self._closing or not may_resume(code):
             return False
         logger.info("connection lost (%s): resuming after seq %d", code, self._seen.last)
+        last_error = "no try made"
         for delay in self._resume_delays:
             await asyncio.sleep(delay)
             if self._closing:
@@ -375,16 +378,20 @@ class Client:
                 ws, welcome = await self._reopen(resume_url(self.url, token, self._seen.last))
             except ConnectFailed as exc:
                 logger.info("resume failed: %s", exc.message)
+                last_error = exc.message
                 if isinstance(exc, AuthenticationFailed):
-                    return False
+                    break
                 continue
             if self._closing or not welcome.resumed:
                 await ws.close()
                 if not welcome.resumed:
                     logger.info("the server no longer has session %s", self.session)
+                    self._resume_failure = "the server no longer has the session"
                 return False
             self._switch(ws, welcome)
+            self._resume_failure = None
             return True
+        self._resume_failure = f"the session could not be resumed ({last_error})"
         return False
 
     def _switch(self, ws: ClientConnection, welcome: Welcome) -> None:
@@ -474,6 +481,8 @@ class Client:
             text = f"the server closed the connection ({code}{' ' + reason if reason else ''})"
         else:
             text = f"the connection was lost ({error or 'no close frame'})"
+        if self._resume_failure is not None and not self._closing:
+            text = f"the connection was lost ({code}) and {self._resume_failure}"
         self._lost = ConnectionLost(text, code=code, reason=reason)
         jobs, self._jobs = list(self._jobs.values()), {}
         for job in jobs:

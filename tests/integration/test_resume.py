@@ -317,7 +317,7 @@ async def test_the_python_client_gives_up_after_its_tries_with_connection_lost(
             while running.started is None:
                 await asyncio.sleep(0.01)
         await relay.stop()  # the connection is lost and nothing answers any more
-        with pytest.raises(ConnectionLost):
+        with pytest.raises(ConnectionLost, match="could not be resumed"):
             await running.result()
         assert client.closed and client.resumes == 0
         await client.close()
@@ -395,3 +395,22 @@ async def test_a_coalesced_message_never_sent_uses_no_seq(start_server) -> None:
         assert [m.seq for m in messages] == list(range(1, len(messages) + 1))
         check_guarantees(["big-1", "big-2", "steps"], messages, seq=True)
         await late.close()
+
+
+async def test_the_python_client_told_resumed_false_fails_its_jobs(start_server) -> None:
+    async with start_server(resume_window=0.3, **ONE_AT_A_TIME) as server:
+        relay = TcpRelay(server.port)
+        await relay.start()
+        client = await connect(relay.url(server.ws_url), resume_tries=10, resume_backoff=0.1)
+        running = await client.submit("running", **RUNNING)
+        async with asyncio.timeout(60):
+            while running.started is None:
+                await asyncio.sleep(0.01)
+        await relay.stop()  # lost, and refused while the window passes
+        await wait_for(lambda: not server.scheduler.unfinished)  # the session ended
+        await relay.start()  # the next try reaches the server: resumed:false
+        with pytest.raises(ConnectionLost, match="no longer has the session"):
+            await running.result()
+        assert client.closed and client.resumes == 0
+        await client.close()
+        await relay.stop()
