@@ -91,8 +91,13 @@ class HttpFront:
                 http.HTTPStatus.FORBIDDEN, "text/plain; charset=utf-8", b"origin not allowed\n"
             )
         status = self._status()
-        if not status.ready and status.reason == "draining" and self._resumes_now(query):
-            return None
+        if (
+            not status.ready
+            and status.reason == "draining"
+            and not status.at_connection_limit
+            and self._resumes_now(query)
+        ):
+            return None  # a resume during the drain: its jobs' last messages wait for it
         if not status.ready or status.at_connection_limit:
             reason = status.reason or "the connection limit is reached"
             return _response(
