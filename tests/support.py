@@ -378,14 +378,19 @@ class TcpRelay:
     """A relay on 127.0.0.1 in front of a server's port, to lose connections at will.
 
     ``url(server_url)`` is the server's URL through the relay. :meth:`drop` resets every
-    relayed connection at once on both sides (no close frame: the network went away);
-    :meth:`stop` also stops listening, so that connecting again is refused.
+    relayed connection at once on both sides (no close frame: the network went away), or
+    only on the client's side (``half_open``: the server's side stays open and silent, as
+    when a phone leaves a network); :meth:`stop` also stops listening, so that connecting
+    again is refused.
     """
 
     def __init__(self, target_port: int) -> None:
         self._target_port = target_port
         self._listener: asyncio.Server | None = None
-        self._transports: list[asyncio.BaseTransport] = []
+        #: (client side, server side) of each relayed connection.
+        self._writers: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        #: Server sides left half-open (held here: a StreamWriter closes when collected).
+        self._silent: list[asyncio.StreamWriter] = []
         self._pipes: set[asyncio.Task[None]] = set()
         self.port = 0
 
@@ -396,16 +401,22 @@ class TcpRelay:
     def url(self, server_url: str) -> str:
         return server_url.replace(f":{self._target_port}/", f":{self.port}/", 1)
 
-    def drop(self) -> None:
-        for transport in self._transports:
-            transport.abort()  # type: ignore[attr-defined]
-        self._transports.clear()
+    def drop(self, *, half_open: bool = False) -> None:
+        for client_side, server_side in self._writers:
+            if half_open:
+                self._silent.append(server_side)
+            client_side.transport.abort()
+            if not half_open:
+                server_side.transport.abort()
+        self._writers.clear()
 
     async def stop(self) -> None:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
         self.drop()
+        for writer in self._silent:
+            writer.transport.abort()
         for pipe in list(self._pipes):
             pipe.cancel()
         await asyncio.gather(*self._pipes, return_exceptions=True)
@@ -414,19 +425,19 @@ class TcpRelay:
         upstream_reader, upstream_writer = await asyncio.open_connection(
             "127.0.0.1", self._target_port
         )
-        self._transports += [writer.transport, upstream_writer.transport]
+        self._writers.append((writer, upstream_writer))
         for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
-            pipe = asyncio.create_task(_pipe(source, sink))
+            pipe = asyncio.create_task(self._pipe(source, sink))
             self._pipes.add(pipe)
             pipe.add_done_callback(self._pipes.discard)
 
-
-async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-    try:
-        while data := await source.read(65536):
-            sink.write(data)
-            await sink.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        sink.transport.abort()
+    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            if sink not in self._silent:
+                sink.transport.abort()

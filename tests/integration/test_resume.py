@@ -209,6 +209,27 @@ async def test_a_resume_wins_over_a_connection_still_open(start_server) -> None:
         await second.close()
 
 
+async def test_a_resume_wins_over_a_half_open_connection(start_server) -> None:
+    """The client's network went away but the server still sees the connection open:
+    the resume closes it (it cannot even take the close frame, so it is aborted)."""
+    async with start_server(**ONE_AT_A_TIME) as server:
+        relay = TcpRelay(server.port)
+        await relay.start()
+        first = await open_client(relay.url(server.ws_url) + "?resumable=1")
+        await first.submit("running", preview=LATENT_PREVIEWS, **RUNNING)
+        await first.recv_until(lambda m: m.type == "started")
+        relay.drop(half_open=True)
+        await first.ws.wait_closed()
+        (session,) = server.sessions  # still attached: the server saw nothing
+        second = await open_client(resume_url(server, first.welcome.resume_token, last_seq(first)))
+        assert second.welcome.resumed is True
+        assert server.sessions == {session} and session.connection is not None
+        await second.ended("running")
+        check_guarantees(["running"], first.received + second.received, seq=True)
+        await second.close()
+        await relay.stop()
+
+
 async def test_a_resume_is_let_through_during_drain_and_gets_its_terminal_messages(
     start_server,
 ) -> None:
