@@ -362,6 +362,8 @@ def check_guarantees(
             assert _JOB_ORDER[last] <= _JOB_ORDER[message.type], f"{where} after {last}"
             if message.type in ("progress", "preview"):
                 assert last != "accepted" and last != "queued", f"{where} before started"
+            if message.type == "started":
+                assert last in ("accepted", "queued"), f"{where} after {last}"
             state[job_id] = message.type
         elif is_terminal(message):
             assert state.get(job_id, "ended") != "ended", f"{where}: a second terminal"
