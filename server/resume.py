@@ -140,6 +140,9 @@ class ReplayLog:
 
     def write(self, message: BaseModel, *, droppable: bool) -> bytes:
         """Stamp ``message`` with the next seq and return its frame; keep what must be."""
+        if "seq" not in type(message).model_fields:
+            # Every server message derives from protocol.messages._ServerMessage.
+            raise TypeError(f"{type(message).__name__} has no seq field")
         self._last_seq += 1
         stamped = message.model_copy(update={"seq": self._last_seq})
         frame = encode_message(stamped)

@@ -194,3 +194,10 @@ async def test_close_ends_every_detached_session() -> None:
     registry.detached(session)
     registry.close()
     assert session.expired == 1 and registry.detached_sessions() == []
+
+
+def test_a_message_type_without_seq_is_refused_loudly() -> None:
+    log, _ = make_log()
+    with pytest.raises(TypeError, match="Timings has no seq"):
+        log.write(Timings(queued_ms=0, run_ms=1), droppable=False)
+    assert log.last_seq == 0
