@@ -490,16 +490,17 @@ class Session:
                 entry = await self.buffer.get()
                 try:
                     message = entry.build()
+                    if self.replay is not None and not isinstance(message, Welcome):
+                        # The seq is given here, as the message leaves the buffer; a
+                        # written message is kept for a resume even if the connection
+                        # fails under it.
+                        frame = self.replay.write(message, droppable=entry.droppable)
+                    else:
+                        frame = encode_message(message)
                 except Exception:
                     logger.exception("session=%s: could not build a message", self.id)
                     self.buffer.sent(entry)
                     continue
-                if self.replay is not None and not isinstance(message, Welcome):
-                    # The seq is given here, as the message leaves the buffer; a written
-                    # message is kept for a resume even if the connection fails under it.
-                    frame = self.replay.write(message, droppable=entry.droppable)
-                else:
-                    frame = encode_message(message)
                 try:
                     await self.connection.send(frame)
                 finally:
