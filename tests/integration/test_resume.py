@@ -12,6 +12,7 @@ from websockets.exceptions import InvalidStatus
 from latentcast.client import ConnectionLost, connect
 from latentcast.protocol import Cancelled, Complete, Progress
 from tests.support import (
+    LONG_JOB,
     ONE_AT_A_TIME,
     Client,
     TcpRelay,
@@ -88,9 +89,9 @@ async def test_a_dropped_connection_is_resumed_with_every_job_intact(start_serve
             lambda m: isinstance(m, Progress) and m.id == "running" and m.step >= 2
         )
         await drop(first)
-        # The session's jobs go on while it is detached.
+        # The session is detached, not ended: its jobs go on (all complete, below).
         await wait_for(lambda: not server.sessions)
-        assert len(server.scheduler.unfinished) == 4
+        assert [s.id for s in server.resumes.detached_sessions()] == [first.welcome.session]
         second = await open_client(resume_url(server, token, last_seq(first)))
         assert second.welcome.resumed is True
         assert second.welcome.session == first.welcome.session
@@ -107,7 +108,7 @@ async def test_a_dropped_connection_is_resumed_with_every_job_intact(start_serve
 async def test_after_the_window_the_session_is_gone_and_its_jobs_cancelled(start_server) -> None:
     async with start_server(resume_window=0.5, **ONE_AT_A_TIME) as server:
         first = await open_client(server.ws_url + "?resumable=1")
-        await first.submit("running", **RUNNING)
+        await first.submit("running", **LONG_JOB)
         await first.recv_until(lambda m: m.type == "started")
         await drop(first)
         await wait_for(lambda: not server.scheduler.unfinished)
@@ -342,8 +343,8 @@ async def test_the_python_client_gives_up_after_its_tries_with_connection_lost(
             await running.result()
         assert client.closed and client.resumes == 0
         await client.close()
-        # The server still has the session for its window: the jobs go on meanwhile.
-        assert server.scheduler.unfinished
+        # The server still has the session for its window.
+        assert [s.id for s in server.resumes.detached_sessions()] == [client.session]
 
 
 async def test_a_resumable_client_that_does_not_read_is_detached_not_ended(start_server) -> None:
