@@ -488,4 +488,5 @@ async def test_a_reloaded_page_resumes_its_session_and_gets_its_job(start_server
         assert "resume=" in frames.urls[1] and "after=0" in frames.urls[1]
         done = await wait_for(page, "s.state === 'complete' && s.job === a", running["job"])
         assert done["text"].startswith("Done: 128×128")
-        assert len(frames.received_for(running["job"], "complete")) == 1
+        # (A complete that came before the reload comes again: the page resumes after 0.)
+        assert frames.received_for(running["job"], "complete")
