@@ -332,6 +332,14 @@ class _ServerModel(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+class _ServerMessage(_ServerModel):
+    """A message the server sends (as opposed to a part of one)."""
+
+    #: On a resumable session (section 2a), every message after ``welcome``: 1 for the
+    #: first, one more per message, counted across the session's connections.
+    seq: int | None = Field(default=None, exclude_if=lambda value: value is None)
+
+
 class LatentRGBInfo(_ServerModel):
     """Factors for ``v = sum_c latent[c] * factors[c][k] + bias[k]`` per channel k."""
 
@@ -352,7 +360,7 @@ class ModelInfo(_ServerModel):
     latent_rgb: LatentRGBInfo | None
 
 
-class Welcome(_ServerModel):
+class Welcome(_ServerMessage):
     type: Literal["welcome"] = "welcome"
     protocol: int
     server: str
@@ -380,13 +388,13 @@ class Welcome(_ServerModel):
         return data
 
 
-class Accepted(_ServerModel):
+class Accepted(_ServerMessage):
     type: Literal["accepted"] = "accepted"
     id: str
     position: int
 
 
-class Queued(_ServerModel):
+class Queued(_ServerMessage):
     type: Literal["queued"] = "queued"
     id: str
     position: int
@@ -395,7 +403,7 @@ class Queued(_ServerModel):
     loading: bool | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
-class Started(_ServerModel):
+class Started(_ServerMessage):
     type: Literal["started"] = "started"
     id: str
     seed: int
@@ -408,7 +416,7 @@ class Started(_ServerModel):
     warnings: list[str] | None = Field(default=None, exclude_if=lambda value: not value)
 
 
-class Progress(_ServerModel):
+class Progress(_ServerMessage):
     type: Literal["progress"] = "progress"
     id: str
     step: int
@@ -416,7 +424,7 @@ class Progress(_ServerModel):
     elapsed_ms: int
 
 
-class LatentPreview(_ServerModel):
+class LatentPreview(_ServerMessage):
     type: Literal["preview"] = "preview"
     kind: Literal["latent"] = "latent"
     id: str
@@ -426,7 +434,7 @@ class LatentPreview(_ServerModel):
     data: bytes
 
 
-class ImagePreview(_ServerModel):
+class ImagePreview(_ServerMessage):
     type: Literal["preview"] = "preview"
     kind: Literal["image"] = "image"
     id: str
@@ -450,21 +458,21 @@ class Timings(_ServerModel):
     run_ms: int
 
 
-class Complete(_ServerModel):
+class Complete(_ServerMessage):
     type: Literal["complete"] = "complete"
     id: str
     images: list[ImageResult]
     timings: Timings
 
 
-class Cancelled(_ServerModel):
+class Cancelled(_ServerMessage):
     type: Literal["cancelled"] = "cancelled"
     id: str
     step: int
     reason: CancelReason
 
 
-class Error(_ServerModel):
+class Error(_ServerMessage):
     type: Literal["error"] = "error"
     id: str | None
     code: str
@@ -472,7 +480,7 @@ class Error(_ServerModel):
     field: str | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
-class Draining(_ServerModel):
+class Draining(_ServerMessage):
     type: Literal["draining"] = "draining"
     deadline_ms: int
 

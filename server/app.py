@@ -60,6 +60,7 @@ from .engine import (
 from .metrics import Metrics
 from .models import LoadedModel, load_model
 from .models.controlnets import MAX_CONTROLS_PER_JOB
+from .resume import ResumeRegistry, ResumeRequest
 from .scheduler import Scheduler
 from .session import Session, SessionContext
 from .transport import WS_PATH, HttpFront, ServerStatus
@@ -113,7 +114,11 @@ class Server:
         self.config = config
         self.metrics = Metrics()
         self.scheduler = Scheduler(max_queue=config.max_queue, metrics=self.metrics)
+        #: Sessions with a connection; detached resumable ones are in ``resumes``.
         self.sessions: set[Session] = set()
+        self.resumes: ResumeRegistry[Session] = ResumeRegistry(
+            window=config.resume_window, metrics=self.metrics
+        )
         self.model: LoadedModel | None = None
         self.phase = Phase.CREATED
         self._thread = EngineThread()
@@ -209,7 +214,9 @@ class Server:
             self._handle_connection,
             self.config.host,
             self.config.port,
-            process_request=HttpFront(self.config, self.metrics, self.status),
+            process_request=HttpFront(
+                self.config, self.metrics, self.status, can_resume=self.resumes.valid
+            ),
             compression=None,
             max_size=self.config.max_message_bytes,
             close_timeout=CLOSE_TIMEOUT,
@@ -439,7 +446,8 @@ class Server:
             is_draining=lambda: not self._accepting(),
             image_previews=model.image_previews,
             scheduler_step_limits=model.step_limits,
-            features=features,
+            features=(*features, "resume"),
+            resumes=self.resumes,
         )
 
     async def wait_ready(self) -> None:
@@ -460,18 +468,55 @@ class Server:
 
     async def _handle_connection(self, connection: ServerConnection) -> None:
         context = self._context
-        if context is None or not self._accepting():
+        wish = ResumeRequest.from_path(connection.request.path if connection.request else "")
+        # While draining, a resume is let through (its jobs' last messages are waiting).
+        resuming = wish.token is not None and self.phase is Phase.DRAINING
+        if context is None or not (self._accepting() or resuming):
             # Checked at the handshake too; this covers a phase change in between.
             await connection.close(CloseCode.GOING_AWAY, "server not ready")
             return
-        session = Session(connection, context)
+        session = await self._resume(wish, connection) if wish.token is not None else None
+        resumed_after = wish.after if session is not None else None
+        if session is None:
+            if not self._accepting():
+                await connection.close(CloseCode.GOING_AWAY, "server not ready")
+                return
+            session = Session(
+                connection, context, resumable=wish.resumable or wish.token is not None
+            )
         self.sessions.add(session)
         self.metrics.connections.set(len(self.sessions))
         try:
-            await session.run()
+            await session.run(resumed_after=resumed_after)
         finally:
-            self.sessions.discard(session)
+            # A resumed session may already serve a newer connection.
+            if session.connection is connection:
+                self.sessions.discard(session)
             self.metrics.connections.set(len(self.sessions))
+
+    async def _resume(self, wish: ResumeRequest, connection: ServerConnection) -> Session | None:
+        """The session ``wish`` takes over, attached to ``connection``; None when the token
+        is unknown or void or ``after`` is not one the session can serve (its old session
+        then ends: the client, told ``resumed:false``, knows its jobs are gone)."""
+        assert wish.token is not None
+        session = self.resumes.claim(wish.token)
+        if session is None:
+            return None
+        await session.take_over()
+        replay = session.replay
+        if replay is None or wish.after is None or not replay.covers(wish.after):
+            logger.info(
+                "session=%s resume refused: after=%s is not a seq it can resume from "
+                "(last %d): ending it",
+                session.id,
+                wish.after,
+                replay.last_seq if replay is not None else 0,
+            )
+            session.expire()
+            return None
+        session.attach(connection)
+        self.metrics.resumes.inc()
+        return session
 
     async def _watch_stalled(self) -> None:
         """Disconnect sessions that have not read within the send timeout."""
@@ -526,7 +571,7 @@ class Server:
             len(self.scheduler.unfinished),
             timeout,
         )
-        for session in sessions:
+        for session in [*sessions, *self.resumes.detached_sessions()]:
             session.send(Draining(deadline_ms=round(timeout * 1000)))
         idle = asyncio.create_task(self.scheduler.wait_idle())
         now = asyncio.create_task(self._deadline_now.wait())
@@ -552,6 +597,8 @@ class Server:
             ),
             return_exceptions=True,
         )
+        # Detached sessions that were not resumed in time end with the server.
+        self.resumes.close()
         logger.info("drained")
 
     # ------------------------------------------------------------------ 4. close
@@ -566,6 +613,7 @@ class Server:
         if self.phase is Phase.CLOSED:
             return not self._thread.alive
         self._set_phase(Phase.CLOSED)
+        self.resumes.close()  # no expiry timer outlives the server (drain() did it already)
         if self._ws_server is not None:
             # drain() closed every session; what remains are connections still in their
             # handshake (refused with 503 from now on) and sessions drain() never saw.

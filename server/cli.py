@@ -145,6 +145,13 @@ SERVE_OPTIONS = (
         metavar="SECONDS",
     ),
     _Option(
+        "--resume-window",
+        "resume_window",
+        "seconds a resumable session outlives its connection (default 30)",
+        float,
+        metavar="SECONDS",
+    ),
+    _Option(
         "--max-jobs-per-session",
         "max_jobs_per_session",
         "unfinished jobs per session (default 8)",

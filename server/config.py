@@ -47,6 +47,9 @@ class ServerConfig(BaseModel):
     max_connections: int = Field(default=1000, ge=1)
     drain_timeout: float = Field(default=30.0, ge=0)
     send_timeout: float = Field(default=30.0, gt=0)
+    #: How long a resumable session outlives its connection (PROTOCOL.md section 2a):
+    #: its jobs go on, and a resume within this many seconds takes it over again.
+    resume_window: float = Field(default=30.0, gt=0)
     #: At most this long for each connection to take what is buffered before the 1001 close.
     close_grace: float = Field(default=5.0, ge=0, le=5.0)
     max_jobs_per_session: int = Field(default=8, ge=1)

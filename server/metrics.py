@@ -97,5 +97,16 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.resumes = Counter(
+            "latentcast_session_resumes",
+            "Resumable sessions taken over by a new connection (PROTOCOL.md section 2a).",
+            registry=self.registry,
+        )
+        self.resume_expiries = Counter(
+            "latentcast_session_resume_expiries",
+            "Resumable sessions ended because the resume window passed without a resume.",
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

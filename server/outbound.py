@@ -110,6 +110,11 @@ class OutboundBuffer:
         if not self._entries and not self._unsent_reliable:
             self._empty.set()
 
+    def restart_clock(self) -> None:
+        """Count the age of what waits from now (a resumed session's new connection)."""
+        now = self._clock()
+        self._unsent_reliable = deque((seq, now) for seq, _ in self._unsent_reliable)
+
     def oldest_unsent_age(self) -> float:
         """Seconds the oldest non-droppable message has waited (0 when none waits)."""
         if not self._unsent_reliable:

@@ -1,9 +1,14 @@
-"""One WebSocket connection: decode what the client sends, answer, stream its jobs.
+"""One WebSocket session: decode what the client sends, answer, stream its jobs.
 
-A session owns its unfinished jobs (by the client's ids), its outbound buffer and two
-tasks: the reader (this coroutine's own) and the writer. Everything the session does to
-jobs goes through the scheduler; everything it says goes through the buffer, so the
-engine and other sessions never wait for this client.
+A session owns its unfinished jobs (by the client's ids), its outbound buffer and, while
+it has a connection, two tasks: the reader (this coroutine's own) and the writer.
+Everything the session does to jobs goes through the scheduler; everything it says goes
+through the buffer, so the engine and other sessions never wait for this client.
+
+A session is one connection, unless it is resumable (PROTOCOL.md section 2a, server/
+resume.py): then the writer stamps every message with its ``seq`` in the session's
+:class:`ReplayLog`, a lost connection only detaches the session (its jobs go on, its
+messages keep buffering) and a resume attaches it to a new connection.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from .images import BadImage, prepare_controls, prepare_images
 from .jobs import GenerationRequest, Job, JobControl, StopReason
 from .metrics import Metrics
 from .outbound import BufferClosed, OutboundBuffer
+from .resume import ReplayLog, ResumeRegistry, replay_log_bytes
 from .scheduler import Scheduler
 
 logger = logging.getLogger("latentcast.session")
@@ -73,19 +79,41 @@ class SessionContext:
     scheduler_step_limits: Mapping[str, int] = field(default_factory=dict)
     #: The optional protocol features announced in ``welcome.features``: "batching" when
     #: jobs may share denoising steps (``--max-batch`` above 1); "models", "controls"
-    #: and "resume" are still to come.
+    #: are still to come; "resume" when resumable sessions are offered (``resumes``).
     features: tuple[str, ...] = ()
+    #: Tokens of resumable sessions and timers of detached ones; None: none offered.
+    resumes: ResumeRegistry[Session] | None = None
 
 
 class Session:
-    def __init__(self, connection: ServerConnection, context: SessionContext) -> None:
+    def __init__(
+        self, connection: ServerConnection, context: SessionContext, *, resumable: bool = False
+    ) -> None:
         self.id = secrets.token_hex(6)
         self.connection = connection
         self.context = context
         self.jobs: dict[str, Job] = {}
         self.buffer = OutboundBuffer()
+        config = context.config
+        #: The seq counter and what a resume sends again; None: not resumable.
+        self.replay: ReplayLog | None = (
+            ReplayLog(
+                window=config.resume_window,
+                max_bytes=replay_log_bytes(
+                    config.max_jobs_per_session, config.largest_result_bytes()
+                ),
+            )
+            if resumable and context.resumes is not None
+            else None
+        )
         self._bad_frames = 0
         self._closing = False
+        #: Set when the connection is closed on purpose but the session must stay (a stall
+        #: or a takeover of a resumable session).
+        self._detach_on_close = False
+        self._ended = False
+        self._run_done = asyncio.Event()
+        self._run_done.set()
 
     @property
     def session_id(self) -> str:
@@ -105,32 +133,114 @@ class Session:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def run(self) -> None:
-        """Serve the connection until it closes; then cancel what is left of its jobs."""
+    @property
+    def resumable(self) -> bool:
+        return self.replay is not None
+
+    async def run(self, *, resumed_after: int | None = None) -> None:
+        """Serve the connection until it closes; then cancel what is left of its jobs.
+
+        A resumable session whose connection is lost (or sent away for not reading) is
+        detached instead: its jobs go on and the registry ends it when the resume window
+        passes. ``resumed_after``: this connection resumes the session, and the client
+        has processed the messages up to that seq (:meth:`attach` first).
+        """
         peer = self.connection.remote_address
-        logger.info("session=%s connected from %s", self.id, peer)
-        self.send(
-            Welcome(
-                protocol=PROTOCOL_VERSION,
-                server=self.context.server_name,
-                session=self.id,
-                model=self.context.model,
-                models=[self.context.model],
-                features=list(self.context.features),
-                resume_token=None,  # sessions are not resumable yet (section 2a)
-                resumed=False,
-                limits=self.context.rules.limits,
-                defaults=self.context.defaults,
-            )
+        resumes = self.context.resumes
+        self._run_done.clear()
+        if resumes is not None:
+            resumes.attached(self)
+        token = resumes.issue(self) if resumes is not None and self.resumable else None
+        logger.info(
+            "session=%s %s from %s%s",
+            self.id,
+            "resumed" if resumed_after is not None else "connected",
+            peer,
+            " (resumable)" if self.resumable else "",
         )
-        writer = asyncio.create_task(self._write(), name=f"writer-{self.id}")
+        welcome = Welcome(
+            protocol=PROTOCOL_VERSION,
+            server=self.context.server_name,
+            session=self.id,
+            model=self.context.model,
+            models=[self.context.model],
+            features=list(self.context.features),
+            resume_token=token,
+            resumed=resumed_after is not None,
+            limits=self.context.rules.limits,
+            defaults=self.context.defaults,
+        )
+        writer: asyncio.Task[None] | None = None
         try:
+            if resumed_after is None:
+                self.send(welcome)
+            else:
+                try:
+                    async with asyncio.timeout(self.context.config.send_timeout):
+                        await self._send_resumed(welcome, resumed_after)
+                except TimeoutError:
+                    await self.close_stalled()  # detached again, not ended
+                    return
+            writer = asyncio.create_task(self._write(), name=f"writer-{self.id}")
             await self._read()
+        except ConnectionClosed:
+            pass
         finally:
-            self._disconnect()
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            keep = (
+                self.resumable and not self._ended and (not self._closing or self._detach_on_close)
+            )
+            if not keep:
+                self._disconnect()
+            if writer is not None:
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+            if keep and resumes is not None:
+                resumes.detached(self)
             logger.info("session=%s closed (code %s)", self.id, self.connection.close_code)
+            self._run_done.set()
+
+    def attach(self, connection: ServerConnection) -> None:
+        """A resume: serve ``connection`` from now on (after :meth:`take_over`)."""
+        self.connection = connection
+        self._bad_frames = 0
+        self._closing = False
+        self._detach_on_close = False
+        # What waited while detached gets a full send timeout on the new connection.
+        self.buffer.restart_clock()
+
+    async def take_over(self) -> None:
+        """Before a resume: close the connection this session still has (a resume wins
+        over a half-open connection), and wait until the session is detached from it."""
+        if not self._run_done.is_set():
+            logger.info("session=%s is resumed elsewhere: closing its old connection", self.id)
+            self._detach_on_close = True
+            await self.close(CloseCode.GOING_AWAY, "the session was resumed on a new connection")
+            await self._run_done.wait()
+
+    def expire(self) -> None:
+        """End a detached session: its unfinished jobs are cancelled (nobody hears it)."""
+        logger.info("session=%s ended while detached: %d unfinished jobs", self.id, len(self.jobs))
+        self._disconnect()
+
+    async def _send_resumed(self, welcome: Welcome, after: int) -> None:
+        """PROTOCOL.md section 2a: welcome, the kept non-droppable messages after
+        ``after``, the latest droppable state of each unfinished job; the writer then
+        goes on with what is buffered."""
+        replay = self.replay
+        assert replay is not None
+        frames = [encode_message(welcome), *replay.replay(after)]
+        replayed = len(frames) - 1
+        for message in replay.droppable_state(self.jobs.keys(), after):
+            frames.append(replay.write(message, droppable=True))
+        logger.info(
+            "session=%s resumed after seq %d: %d messages again, %d latest states",
+            self.id,
+            after,
+            replayed,
+            len(frames) - 1 - replayed,
+        )
+        for frame in frames:
+            await self.connection.send(frame)
 
     async def close(
         self,
@@ -173,13 +283,19 @@ class Session:
         return self.buffer.oldest_unsent_age() > self.context.config.send_timeout
 
     async def close_stalled(self) -> None:
+        if self._closing:
+            return
         logger.warning(
-            "session=%s has not read for %.0f s: disconnecting",
+            "session=%s has not read for %.0f s: disconnecting%s",
             self.id,
             self.context.config.send_timeout,
+            " (the session stays resumable)" if self.resumable else "",
         )
         self.context.metrics.slow_disconnects.inc()
-        self._disconnect()
+        if self.resumable:
+            self._detach_on_close = True
+        else:
+            self._disconnect()
         await self.close(CloseCode.POLICY_VIOLATION, "send timeout: the client is not reading")
 
     # ------------------------------------------------------------------ reading
@@ -385,17 +501,29 @@ class Session:
                 entry = await self.buffer.get()
                 try:
                     message = entry.build()
+                    if self.replay is not None and not isinstance(message, Welcome):
+                        # The seq is given here, as the message leaves the buffer; a
+                        # written message is kept for a resume even if the connection
+                        # fails under it.
+                        frame = self.replay.write(message, droppable=entry.droppable)
+                    else:
+                        frame = encode_message(message)
                 except Exception:
                     logger.exception("session=%s: could not build a message", self.id)
                     self.buffer.sent(entry)
                     continue
-                await self.connection.send(encode_message(message))
-                self.buffer.sent(entry)
+                try:
+                    await self.connection.send(frame)
+                finally:
+                    self.buffer.sent(entry)
         except (BufferClosed, ConnectionClosed):
             return
 
     def _disconnect(self) -> None:
         """The client is gone (or being sent away): cancel its jobs, stop buffering."""
+        self._ended = True
+        if self.context.resumes is not None:
+            self.context.resumes.forget(self)
         self.buffer.close()
         scheduler = self.context.scheduler
         for job in list(self.jobs.values()):

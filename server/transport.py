@@ -41,11 +41,19 @@ class ServerStatus:
 
 class HttpFront:
     def __init__(
-        self, config: ServerConfig, metrics: Metrics, status: Callable[[], ServerStatus]
+        self,
+        config: ServerConfig,
+        metrics: Metrics,
+        status: Callable[[], ServerStatus],
+        *,
+        can_resume: Callable[[str], bool] | None = None,
     ) -> None:
         self._config = config
         self._metrics = metrics
         self._status = status
+        #: Whether a resume token would take a session over: such a resume is let
+        #: through while draining (PROTOCOL.md 2a, docs/protocol.md).
+        self._can_resume = can_resume
         self._tokens = tuple(token.encode() for token in config.tokens)
 
     def __call__(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -83,6 +91,13 @@ class HttpFront:
                 http.HTTPStatus.FORBIDDEN, "text/plain; charset=utf-8", b"origin not allowed\n"
             )
         status = self._status()
+        if (
+            not status.ready
+            and status.reason == "draining"
+            and not status.at_connection_limit
+            and self._resumes_now(query)
+        ):
+            return None  # a resume during the drain: its jobs' last messages wait for it
         if not status.ready or status.at_connection_limit:
             reason = status.reason or "the connection limit is reached"
             return _response(
@@ -92,6 +107,10 @@ class HttpFront:
                 retry_after=True,
             )
         return None
+
+    def _resumes_now(self, query: str) -> bool:
+        tokens = parse_qs(query).get("resume", [])
+        return self._can_resume is not None and bool(tokens) and self._can_resume(tokens[0])
 
     def _authorized(self, request: Request, query: str) -> bool:
         if not self._tokens:

@@ -7,6 +7,7 @@ integration tests see exactly what the server sends.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import threading
 import time
@@ -188,7 +189,7 @@ async def wait_for(predicate: Callable[[], object], timeout: float = TIMEOUT) ->
 
 
 async def open_stalled_client(
-    server: Any, *, rcvbuf: int = 4096, server_sndbuf: int | None = 4096
+    server: Any, *, rcvbuf: int = 4096, server_sndbuf: int | None = 4096, query: str = ""
 ) -> StalledClient:
     """Connect to ``server`` (a started ``latentcast.server.app.Server``) and never read.
 
@@ -213,6 +214,8 @@ async def open_stalled_client(
     The stall is a state, not a timing: wait for it with :func:`wait_for` on
     ``client.session.buffer.reliable_backlog`` (and, to be sure the writer is stuck on a
     big message, on that message's job having ended), never with a sleep.
+
+    ``query`` goes on the URL (``"?resumable=1"``).
     """
     import socket
 
@@ -223,7 +226,9 @@ async def open_stalled_client(
         sock.setblocking(False)
         await loop.sock_connect(sock, ("127.0.0.1", server.port))
         address = sock.getsockname()[:2]
-        ws = await connect(server.ws_url, sock=sock, max_queue=1, compression=None, max_size=None)
+        ws = await connect(
+            server.ws_url + query, sock=sock, max_queue=1, compression=None, max_size=None
+        )
     except BaseException:
         sock.close()
         raise
@@ -306,3 +311,135 @@ def metric_samples(server: Any, histogram: str) -> dict[str, float]:
             if line.startswith(f"{histogram}_{part} "):
                 values[part] = float(line.split()[-1])
     return values
+
+
+# ---------------------------------------------------------------------- guarantees
+
+#: A job's states in the order PROTOCOL.md 5.3 allows; a state may only move forward.
+_JOB_ORDER = {"accepted": 0, "queued": 1, "started": 2, "progress": 3, "preview": 3}
+
+
+def check_guarantees(
+    submitted: list[str], messages: list[Any], *, all_ended: bool = True, seq: bool = False
+) -> None:
+    """Assert guarantees 1-3 of PROTOCOL.md section 5 over what one session received.
+
+    ``submitted``: the ids of the session's submits, in order. ``messages``: everything
+    received, in order (``welcome`` messages, one per connection, are skipped), e.g. the
+    concatenation over the connections of a resumed session. 1: exactly one
+    ``accepted`` or (non-terminal) ``error`` per submit, in the order of the submits.
+    2: exactly one terminal message per accepted job (when ``all_ended``), nothing about
+    the job after it. 3: accepted, queued*, started, (progress|preview)*, terminal.
+    ``seq``: every message carries a seq, strictly increasing.
+    """
+    body = [m for m in messages if m.type != "welcome"]
+    if seq:
+        seqs = [m.seq for m in body]
+        assert all(isinstance(s, int) for s in seqs), f"a message without seq: {seqs}"
+        assert all(a < b for a, b in itertools.pairwise(seqs)), f"seq order: {seqs}"
+    answers = [
+        m.id
+        for m in body
+        if m.type == "accepted"
+        or (
+            m.type == "error"
+            and m.id is not None
+            and m.code not in TERMINAL_ERROR_CODES
+            and m.code != "unknown_job"
+        )
+    ]
+    assert answers == submitted, f"answers {answers} for submits {submitted}"
+    state: dict[str, str] = {}  # job id -> the last message type of its current job
+    for index, message in enumerate(body):
+        job_id = getattr(message, "id", None)
+        where = f"message {index} ({message.type} {job_id})"
+        if message.type == "accepted":
+            assert state.get(job_id, "ended") == "ended", f"{where}: id still unfinished"
+            state[job_id] = "accepted"
+        elif message.type in _JOB_ORDER:
+            last = state.get(job_id, "ended")
+            assert last != "ended", f"{where}: about a job that is not (or no longer) running"
+            assert _JOB_ORDER[last] <= _JOB_ORDER[message.type], f"{where} after {last}"
+            if message.type in ("progress", "preview"):
+                assert last != "accepted" and last != "queued", f"{where} before started"
+            if message.type == "started":
+                assert last in ("accepted", "queued"), f"{where} after {last}"
+            state[job_id] = message.type
+        elif is_terminal(message):
+            assert state.get(job_id, "ended") != "ended", f"{where}: a second terminal"
+            state[job_id] = "ended"
+    if all_ended:
+        unfinished = sorted(job for job, last in state.items() if last != "ended")
+        assert not unfinished, f"jobs without a terminal message: {unfinished}"
+
+
+# ---------------------------------------------------------------------- a TCP relay
+
+
+class TcpRelay:
+    """A relay on 127.0.0.1 in front of a server's port, to lose connections at will.
+
+    ``url(server_url)`` is the server's URL through the relay. :meth:`drop` resets every
+    relayed connection at once on both sides (no close frame: the network went away), or
+    only on the client's side (``half_open``: the server's side stays open and silent, as
+    when a phone leaves a network); :meth:`stop` also stops listening, so that connecting
+    again is refused.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self._target_port = target_port
+        self._listener: asyncio.Server | None = None
+        #: (client side, server side) of each relayed connection.
+        self._writers: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        #: Server sides left half-open (held here: a StreamWriter closes when collected).
+        self._silent: list[asyncio.StreamWriter] = []
+        self._pipes: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def start(self) -> None:
+        self._listener = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self._listener.sockets[0].getsockname()[1]
+
+    def url(self, server_url: str) -> str:
+        return server_url.replace(f":{self._target_port}/", f":{self.port}/", 1)
+
+    def drop(self, *, half_open: bool = False) -> None:
+        for client_side, server_side in self._writers:
+            if half_open:
+                self._silent.append(server_side)
+            client_side.transport.abort()
+            if not half_open:
+                server_side.transport.abort()
+        self._writers.clear()
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        self.drop()
+        for writer in self._silent:
+            writer.transport.abort()
+        for pipe in list(self._pipes):
+            pipe.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(
+            "127.0.0.1", self._target_port
+        )
+        self._writers.append((writer, upstream_writer))
+        for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
+            pipe = asyncio.create_task(self._pipe(source, sink))
+            self._pipes.add(pipe)
+            pipe.add_done_callback(self._pipes.discard)
+
+    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            if sink not in self._silent:
+                sink.transport.abort()

@@ -13,6 +13,10 @@ with its models (with the limits, schedulers and LoRAs from ``welcome``, so a ba
 request fails here exactly as the server would answer it), and frames are decoded with
 its codec. The reader task routes each server message to its job by id and never waits
 on a consumer (see :mod:`latentcast.client.job`).
+
+Sessions are resumable (PROTOCOL.md section 2a) when the server offers it: a connection
+lost without a deliberate close is taken over again by the reader (``Client._resume``),
+messages already processed are dropped by their ``seq``, and the jobs never notice.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
 from types import MappingProxyType, TracebackType
 from typing import Any, Self, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
@@ -71,6 +75,15 @@ from .errors import (
 )
 from .images import ImageInput, image_bytes, preview_to_pil
 from .job import Job
+from .resume import (
+    RESUME_BACKOFF,
+    RESUME_TRIES,
+    SeqTracker,
+    may_resume,
+    resume_url,
+    retry_delays,
+    with_query,
+)
 
 logger = logging.getLogger("latentcast.client")
 
@@ -89,11 +102,23 @@ ControlSpec: TypeAlias = (
     tuple[str, ImageInput] | tuple[str, ImageInput, float] | Mapping[str, Any] | ControlRef
 )
 
+#: Opens a connection to a URL and reads its welcome (what a resume calls).
+Opener: TypeAlias = Callable[[str], Awaitable[tuple[ClientConnection, Welcome]]]
+
 
 class Client:
     """One session with a latentcast server. Get one with :func:`connect`."""
 
-    def __init__(self, ws: ClientConnection, welcome: Welcome, *, url: str) -> None:
+    def __init__(
+        self,
+        ws: ClientConnection,
+        welcome: Welcome,
+        *,
+        url: str,
+        reopen: Opener | None = None,
+        resume_tries: int = RESUME_TRIES,
+        resume_backoff: float = RESUME_BACKOFF,
+    ) -> None:
         self.url = url
         #: The server's ``welcome``: model, limits and defaults.
         self.welcome = welcome
@@ -121,6 +146,21 @@ class Client:
         self._lost: ConnectionLost | None = None
         self._closing = False
         self._background: set[asyncio.Task[None]] = set()
+        # Resumable sessions (PROTOCOL.md 2a): the token of the latest welcome, the last
+        # seq processed, how to open a connection again, and how often to try.
+        self._resume_token = welcome.resume_token
+        self._seen = SeqTracker()
+        self._reopen = reopen
+        self._resume_delays = retry_delays(resume_tries, resume_backoff)
+        #: After a resume: the id of the cancel whose unknown_job answer tells that every
+        #: frame sent on the lost connection has been answered, and the submits to send
+        #: again if they still have no answer by then (they never reached the server).
+        self._sync_id: str | None = None
+        self._unanswered: list[Job] = []
+        #: How many times the session was taken over again after a lost connection.
+        self.resumes = 0
+        #: Why the last resume failed, for the ConnectionLost that jobs then get.
+        self._resume_failure: str | None = None
         self._reader = asyncio.create_task(self._read(), name=f"latentcast-reader-{url}")
 
     def __repr__(self) -> str:
@@ -253,9 +293,17 @@ class Client:
     async def close(self) -> None:
         """Close the connection; unfinished jobs fail with ConnectionLost. Idempotent.
 
-        The server cancels this session's unfinished jobs (reason ``disconnect``).
+        The server cancels this session's unfinished jobs (reason ``disconnect``); on a
+        resumable session, where the server would keep them for a resume, this client
+        cancels them first.
         """
+        if self._closing:
+            await asyncio.shield(self._reader)
+            return
         self._closing = True
+        if self._resume_token is not None:
+            for job in list(self._jobs.values()):
+                await self._send_cancel(job)
         await self._ws.close()
         try:
             await asyncio.shield(self._reader)
@@ -310,18 +358,100 @@ class Client:
         task.add_done_callback(self._background.discard)
 
     async def _read(self) -> None:
-        """The one reader: route every server message to its job until the end."""
+        """The one reader: route every server message to its job until the end.
+
+        On a resumable session a lost connection is taken over again (:meth:`_resume`)
+        and reading goes on, the jobs none the wiser.
+        """
         error: BaseException | None = None
         try:
-            async for frame in self._ws:
-                self._dispatch(frame)
-        except ConnectionClosed as exc:
-            error = exc
+            while True:
+                try:
+                    async for frame in self._ws:
+                        self._dispatch(frame)
+                except ConnectionClosed as exc:
+                    error = exc
+                if not await self._resume():
+                    return
+                error = None
         except Exception as exc:  # every job must hear of the end
             logger.exception("the reader stopped")
             error = exc
         finally:
             self._connection_lost(error)
+
+    async def _resume(self) -> bool:
+        """Take the session over on a new connection; False when it cannot be done.
+
+        Only for a resumable session whose connection was lost (not closed by this
+        client, nor on purpose by the server: see ``may_resume``). Tries a few times
+        with back-off; a server that answers ``resumed:false`` has ended the session.
+        """
+        token, code = self._resume_token, self._ws.close_code
+        if token is None or self._reopen is None or self._closing or not may_resume(code):
+            return False
+        logger.info("connection lost (%s): resuming after seq %d", code, self._seen.last)
+        last_error = "no try made"
+        for delay in self._resume_delays:
+            await asyncio.sleep(delay)
+            if self._closing:
+                return False
+            try:
+                ws, welcome = await self._reopen(resume_url(self.url, token, self._seen.last))
+            except ConnectFailed as exc:
+                logger.info("resume failed: %s", exc.message)
+                last_error = exc.message
+                if isinstance(exc, AuthenticationFailed):
+                    break
+                continue
+            if self._closing or not welcome.resumed:
+                await ws.close()
+                if not welcome.resumed:
+                    logger.info("the server no longer has session %s", self.session)
+                    self._resume_failure = "the server no longer has the session"
+                return False
+            self._switch(ws, welcome)
+            self._resume_failure = None
+            return True
+        self._resume_failure = f"the session could not be resumed ({last_error})"
+        return False
+
+    def _switch(self, ws: ClientConnection, welcome: Welcome) -> None:
+        """Go on with ``ws``; make sure what was sent on the lost connection counts."""
+        self._ws = ws
+        self.welcome = welcome
+        self._resume_token = welcome.resume_token
+        self.resumes += 1
+        unanswered = [job for job in self._jobs.values() if not job._answered.is_set()]
+        cancels = [job for job in self._jobs.values() if job.cancel_requested]
+        logger.info(
+            "resumed session %s after seq %d (%d submits unanswered)",
+            welcome.session,
+            self._seen.last,
+            len(unanswered),
+        )
+        for job in cancels:  # a cancel sent on the lost connection may not have arrived
+            self._spawn(self._send_cancel(job))
+        if unanswered:
+            # The server answers frames in order: once this cancel of no job is
+            # answered, a submit still without an answer never reached it.
+            self._sync_id = f"latentcast-resume-sync.{self.resumes}"
+            self._unanswered = unanswered
+            self._spawn(self._send(Cancel(id=self._sync_id)))
+
+    async def _send(self, message: Cancel | Submit) -> None:
+        try:
+            await self._ws.send(encode_message(message))
+        except ConnectionClosed:
+            pass  # the reader resumes, or fails the jobs
+
+    def _synced(self) -> None:
+        """Every frame of the lost connection is answered: send the rest again."""
+        again = [job for job in self._unanswered if not job._answered.is_set()]
+        self._sync_id, self._unanswered = None, []
+        for job in again:
+            logger.info("job %s: the submit was lost with the connection; sending it again", job.id)
+            self._spawn(self._send(job.request))
 
     def _dispatch(self, frame: bytes | str) -> None:
         if isinstance(frame, str):
@@ -333,6 +463,11 @@ class Client:
             # A newer server's message type, or a broken frame: nothing to route it to.
             logger.warning("ignoring a server message: %s", exc.message)
             return
+        if not self._seen.fresh(message.seq):
+            logger.debug("skipping %s seq %s: processed already", message.type, message.seq)
+            return
+        if self._closing:
+            return  # close() was called: unfinished jobs end with ConnectionLost
         if isinstance(message, Draining):
             self.drain_deadline = time.monotonic() + message.deadline_ms / 1000
             self.draining.set()
@@ -343,6 +478,9 @@ class Client:
             return
         if isinstance(message, Error) and message.id is None:
             logger.warning("server error %s: %s", message.code, message.message)
+            return
+        if isinstance(message, Error) and message.id is not None and message.id == self._sync_id:
+            self._synced()
             return
         if isinstance(message, Error) and message.code == ErrorCode.UNKNOWN_JOB:
             # Only ever the answer to a cancel that crossed its job's end.
@@ -365,6 +503,8 @@ class Client:
             text = f"the server closed the connection ({code}{' ' + reason if reason else ''})"
         else:
             text = f"the connection was lost ({error or 'no close frame'})"
+        if self._resume_failure is not None and not self._closing:
+            text = f"the connection was lost ({code}) and {self._resume_failure}"
         self._lost = ConnectionLost(text, code=code, reason=reason)
         jobs, self._jobs = list(self._jobs.values()), {}
         for job in jobs:
@@ -447,11 +587,17 @@ class Connecting:
         *,
         open_timeout: float | None,
         headers: Mapping[str, str] | None,
+        resumable: bool = True,
+        resume_tries: int = RESUME_TRIES,
+        resume_backoff: float = RESUME_BACKOFF,
     ) -> None:
         self._url = url
         self._token = token
         self._open_timeout = open_timeout
         self._headers = dict(headers or {})
+        self._resumable = resumable
+        self._resume_tries = resume_tries
+        self._resume_backoff = resume_backoff
         self._client: Client | None = None
 
     def __await__(self) -> Generator[Any, None, Client]:
@@ -472,12 +618,28 @@ class Connecting:
 
     async def _open(self) -> Client:
         url = self._url
+        first_url = with_query(url, resumable="1") if self._resumable else url
+        ws, welcome = await self._open_ws(first_url)
+        return Client(
+            ws,
+            welcome,
+            url=url,
+            reopen=self._open_ws,
+            resume_tries=self._resume_tries,
+            resume_backoff=self._resume_backoff,
+        )
+
+    async def _open_ws(self, connect_url: str) -> tuple[ClientConnection, Welcome]:
+        """Connect to ``connect_url`` (the URL with this connection's query) and read its
+        welcome; raises ConnectFailed, whose messages name the URL given to connect()
+        (never a resume token)."""
+        url = self._url
         headers = dict(self._headers)
         if self._token is not None:
             headers["Authorization"] = f"Bearer {self._token}"
         try:
             ws = await ws_connect(
-                url,
+                connect_url,
                 additional_headers=headers,
                 compression=None,
                 # Unlimited until welcome says how large messages may be.
@@ -529,7 +691,7 @@ class Connecting:
                 await ws.close()
         ws.protocol.max_message_size = welcome.limits.max_message_bytes
         logger.debug("connected to %s (%s, session %s)", url, welcome.server, welcome.session)
-        return Client(ws, welcome, url=url)
+        return ws, welcome
 
 
 def connect(
@@ -538,13 +700,29 @@ def connect(
     *,
     open_timeout: float | None = DEFAULT_OPEN_TIMEOUT,
     headers: Mapping[str, str] | None = None,
+    resumable: bool = True,
+    resume_tries: int = RESUME_TRIES,
+    resume_backoff: float = RESUME_BACKOFF,
 ) -> Connecting:
     """Open a session: ``client = await connect(url)`` or ``async with connect(url) as c``.
 
     ``token`` is sent as ``Authorization: Bearer``. Raises :class:`ConnectFailed`
     (:class:`AuthenticationFailed` for 401, :class:`ServerUnavailable` for 503).
+
+    ``resumable`` (PROTOCOL.md section 2a, when the server offers "resume"): a connection
+    lost without a deliberate close is taken over again, up to ``resume_tries`` times
+    with ``resume_backoff`` seconds doubling between tries, and the jobs go on; only when
+    that fails do they end with :class:`ConnectionLost`.
     """
-    return Connecting(url, token, open_timeout=open_timeout, headers=headers)
+    return Connecting(
+        url,
+        token,
+        open_timeout=open_timeout,
+        headers=headers,
+        resumable=resumable,
+        resume_tries=resume_tries,
+        resume_backoff=resume_backoff,
+    )
 
 
 def _refused(url: str, exc: InvalidStatus) -> ConnectFailed:

@@ -465,3 +465,28 @@ async def test_generate_while_a_job_runs_says_it_replaces(start_server) -> None:
         await page.click("#cancel")
         await wait_for(page, "s.job === a && s.state === 'cancelled'", second["id"])
         assert await page.text_content("#generate") == "Generate"
+
+
+@needs_chromium
+async def test_a_reloaded_page_resumes_its_session_and_gets_its_job(start_server) -> None:
+    """PROTOCOL.md 2a with the browser page: a reload mid-job takes the session over
+    (the token kept in sessionStorage) and the job's result still arrives."""
+    frames = Frames()
+    async with connected_page(start_server, frames) as page:
+        first_welcome = frames.received[0]
+        assert isinstance(first_welcome["resume_token"], str)
+        await set_fields(page, prompt="a red fox", steps="40", width="128", height="128")
+        await page.select_option("#preview-kind", "latent")
+        await page.click("#generate")
+        running = await wait_for(page, "s.state === 'running' && s.previews >= 1")
+        await page.reload()
+        await page.wait_for_selector("body[data-conn=open]")
+        welcomes = [m for m in frames.received if m["type"] == "welcome"]
+        assert len(welcomes) == 2
+        assert welcomes[1]["resumed"] is True
+        assert welcomes[1]["session"] == first_welcome["session"]
+        assert "resume=" in frames.urls[1] and "after=0" in frames.urls[1]
+        done = await wait_for(page, "s.state === 'complete' && s.job === a", running["job"])
+        assert done["text"].startswith("Done: 128×128")
+        # (A complete that came before the reload comes again: the page resumes after 0.)
+        assert frames.received_for(running["job"], "complete")

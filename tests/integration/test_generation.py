@@ -50,7 +50,7 @@ async def test_welcome_carries_every_field_of_the_contract_on_the_wire(start_ser
         welcome = msgpack.unpackb(await ws.recv())
         model = welcome["model"]
         assert welcome["models"] == [model], "the default model, first and only"
-        assert welcome["features"] == ["batching"], "step batching, and nothing else yet"
+        assert welcome["features"] == ["batching", "resume"], "batching and resume, no more yet"
         assert welcome["resume_token"] is None and welcome["resumed"] is False
         assert model["controlnets"] == []
         assert welcome["limits"]["max_controls"] == 0
@@ -69,7 +69,7 @@ async def test_welcome_carries_every_field_of_the_contract_on_the_wire(start_ser
 
 async def test_batching_is_announced_only_when_jobs_may_share_steps(start_server) -> None:
     async with start_server(**ONE_AT_A_TIME) as server, connect(server.ws_url) as ws:
-        assert msgpack.unpackb(await ws.recv())["features"] == []
+        assert msgpack.unpackb(await ws.recv())["features"] == ["resume"]
 
 
 @pytest.mark.both_engines

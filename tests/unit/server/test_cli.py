@@ -39,6 +39,7 @@ PROTOCOL_OPTIONS = (
     "--drain-timeout",
     "--send-timeout",
     "--controlnet",
+    "--resume-window",
 )
 
 
@@ -232,6 +233,7 @@ def test_main_reads_the_process_environment(
         (["--drain-timeout=-1"], "--drain-timeout"),
         (["--send-timeout=-1"], "--send-timeout"),
         (["--send-timeout", "0"], "--send-timeout"),
+        (["--resume-window", "0"], "--resume-window"),
         (["--drain-timeout", "soon"], "--drain-timeout"),
         (["--allow-origin", "example.com"], "--allow-origin"),
         (["--allow-origin", "https://ok.example", "--allow-origin", "bad"], "--allow-origin"),
@@ -589,3 +591,11 @@ def test_controlnets_parse_as_name_equals_path(tmp_path: Path) -> None:
 def test_limits_whose_result_does_not_fit_the_message_limit_are_one_line(capsys) -> None:
     err = run_main_error(["serve", "--max-width", "1536", "--max-height", "1536"], capsys)
     assert "--max-message-bytes" in err and "Traceback" not in err
+
+
+def test_resume_window_from_the_command_line_and_the_environment(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    assert configure().resume_window == 30.0
+    assert configure(["--resume-window", "2.5"]).resume_window == 2.5
+    assert configure([], {"LATENTCAST_RESUME_WINDOW": "7"}).resume_window == 7.0

@@ -326,3 +326,18 @@ async def test_wait_backlog_below_returns_when_the_buffer_closes() -> None:
     assert not waiter.done()
     buffer.close()
     await asyncio.wait_for(waiter, 1)
+
+
+async def test_restart_clock_counts_the_age_of_what_waits_from_now() -> None:
+    clock = FakeClock()
+    buffer = OutboundBuffer(clock=clock)
+    buffer.put(Accepted(id="a", position=0))
+    clock.now += 25
+    assert buffer.oldest_unsent_age() == 25
+    buffer.restart_clock()
+    assert buffer.oldest_unsent_age() == 0
+    clock.now += 3
+    assert buffer.oldest_unsent_age() == 3
+    entry = await buffer.get()
+    buffer.sent(entry)
+    assert buffer.oldest_unsent_age() == 0
