@@ -66,6 +66,8 @@ class GenerationRequest:
     strength: float = DEFAULT_STRENGTH
     #: (adapter name, scale) for this job only.
     loras: tuple[tuple[str, float], ...] = ()
+    #: The model's name (``params.model``); None: the server's default model.
+    model: str | None = None
 
     @property
     def schedule_steps(self) -> int:

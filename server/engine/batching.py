@@ -55,6 +55,8 @@ class GroupKey:
     latent_width: int
     #: (adapter, scale) pairs, as the job selected them.
     loras: tuple[tuple[str, float], ...]
+    #: The model's name: jobs of two models never share a call ("" inside one core).
+    model: str = ""
 
 
 @dataclass(frozen=True)

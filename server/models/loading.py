@@ -42,6 +42,7 @@ _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 def load_model(
     spec: str,
     *,
+    name: str | None = None,
     device: str = "auto",
     dtype: str | None = None,
     cache_dir: Path | None = None,
@@ -66,6 +67,8 @@ def load_model(
     * otherwise a Hugging Face Hub model id (honours ``HF_HUB_OFFLINE`` /
       ``TRANSFORMERS_OFFLINE`` read at call time: offline means the local HF cache only).
 
+    ``name`` is the model's name (``--model NAME=SPEC``); by default ``spec`` itself.
+
     ``dtype`` is ``"float16"``, ``"bfloat16"``, ``"float32"`` or ``None`` for
     :func:`default_dtype` of the device. The pipeline is moved to the device, its
     progress bar disabled and its safety checker removed; the pipelines of the other
@@ -83,6 +86,7 @@ def load_model(
     with _without_torchvision_notice():
         return _load_model(
             spec,
+            name=spec if name is None else name,
             device=device,
             dtype=dtype,
             cache_dir=cache_dir,
@@ -95,6 +99,7 @@ def load_model(
 def _load_model(
     spec: str,
     *,
+    name: str,
     device: str,
     dtype: str | None,
     cache_dir: Path | None,
@@ -138,7 +143,7 @@ def _load_model(
     if hasattr(pipeline, "safety_checker"):
         pipeline.safety_checker = None
     pipeline.set_progress_bar_config(disable=True)
-    return _describe(spec, pipeline, torch_device, torch_dtype, loras, preview_decoder)
+    return _describe(name, pipeline, torch_device, torch_dtype, loras, preview_decoder)
 
 
 def _tiny_folder(name: str, cache: Path) -> Path:
