@@ -186,6 +186,8 @@ class ModelSet:
         self._unloading: dict[str, asyncio.Task[None]] = {}
         #: A busy model that takes no new jobs until it is unloaded to make room.
         self._retiring: str | None = None
+        #: The jobs each model was just loaded for: it is not unloaded while they wait.
+        self._loaded_for: dict[str, list[Job]] = {}
 
     # ------------------------------------------------------------------ queries
 
@@ -285,7 +287,8 @@ class ModelSet:
             if taken < self._residency.capacity:
                 self._start(self._loading, name, self._load(name))
                 continue
-            victim = self._residency.victim()
+            keep = self._kept()
+            victim = self._residency.victim(keep)
             if victim is not None:
                 self._residency.remove(victim)
                 if self._retiring == victim:
@@ -293,7 +296,9 @@ class ModelSet:
                 self._start(self._unloading, victim, self._unload_to_make_room(victim))
                 continue
             if self._retiring is None:
-                self._retiring = self._residency.least_recently_used()
+                self._retiring = self._residency.least_recently_used(keep)
+                if self._retiring is None:
+                    break  # room comes when a load or unload in progress is done
                 logger.info(
                     "model %r takes no new jobs until it is unloaded to make room for %r",
                     self._retiring,
@@ -304,6 +309,15 @@ class ModelSet:
             logger.info("model %r takes jobs again", self._retiring)
             self._retiring = None
             self._scheduler.wake()
+
+    def _kept(self) -> set[str]:
+        """Models loaded for jobs that have not started yet: not unloaded meanwhile (a
+        model unloaded before its jobs could start would be loaded again, forever)."""
+        for name, jobs in list(self._loaded_for.items()):
+            jobs[:] = [job for job in jobs if job.state is JobState.QUEUED]
+            if not jobs:
+                del self._loaded_for[name]
+        return set(self._loaded_for)
 
     def _start(
         self,
@@ -351,7 +365,9 @@ class ModelSet:
                     ),
                 )
             return
-        for job in self._wanted.pop(name, {}):
+        jobs = list(self._wanted.pop(name, {}))
+        self._loaded_for[name] = jobs
+        for job in jobs:
             self._scheduler.set_loading(job, False)
 
     async def _install(self, model: LoadedModel, seconds: float) -> None:
