@@ -328,3 +328,34 @@ async def test_ctrl_c_waits_for_the_end_of_a_slow_step(
         assert "latentcast: interrupted; job job-1 cancelled at step 2\n" in stderr, stderr
         assert CANCEL_GRACE < waited < 2 * slow
         assert _metric(server, "latentcast_jobs_total", outcome="cancelled") == 1
+
+
+async def test_generate_on_a_named_model(start_server, tmp_path: Path) -> None:
+    async with start_server(model=("sd=tiny", "xl=tiny-sdxl")) as server:
+        outs = {}
+        for name in ("sd", "xl"):
+            outs[name] = tmp_path / f"{name}.png"
+            previews = tmp_path / f"previews-{name}"
+            code, _, stderr = await _cli(
+                "a fox",
+                "-o",
+                str(outs[name]),
+                "--url",
+                server.ws_url,
+                "--model",
+                name,
+                "--steps",
+                "2",
+                "--seed",
+                "1",
+                "--preview-dir",
+                str(previews),
+                "-q",
+            )
+            assert code == 0, stderr
+            assert any(previews.iterdir())
+        assert outs["sd"].read_bytes() != outs["xl"].read_bytes()
+        code, _, stderr = await _cli(
+            "a fox", "-o", str(tmp_path / "x.png"), "--url", server.ws_url, "--model", "nope"
+        )
+        assert code == 1 and "--model" in stderr and "nope" in stderr
