@@ -275,7 +275,8 @@ class Server:
             max_batch = config.max_batch or default_max_batch(device.type)
             engine = await LocalEngine.start(self._thread, models, max_batch)
         except Exception as exc:  # noqa: BLE001 - reported, and the server stops
-            logger.error("could not load the models (%s): %s", names, exc)
+            failed = models.starting
+            logger.error("could not load model %r: %s", failed.name if failed else names, exc)
             self._load_failed(exc)
             return
         if device.type == "cpu":

@@ -24,7 +24,7 @@ import asyncio
 import gc
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Collection, Coroutine, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -49,6 +49,20 @@ logger = logging.getLogger("latentcast.engine")
 
 #: The name of the thread that loads models after start.
 LOADER_THREAD_NAME = "latentcast-loader"
+#: Loads and unloads remembered in :attr:`ModelSet.history` (for benchmarks and tests).
+HISTORY_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class ModelEvent:
+    """One load or unload, as :attr:`ModelSet.history` keeps it."""
+
+    kind: str  # "load", "unload" or "load_failed"
+    model: str
+    seconds: float
+    #: Memory in use (:func:`memory_in_use`) before and after an unload.
+    memory_before: int | None = None
+    memory_after: int | None = None
 
 
 @dataclass
@@ -180,6 +194,8 @@ class ModelSet:
         #: Names of the models that took the last engine steps, for turns.
         self._last_stepped: str | None = None
         self._max_batch = 0
+        #: The model :meth:`start` is loading (the one that failed, if it raised).
+        self.starting: ModelSpec | None = None
         #: Jobs waiting for each model not loaded, in the order the models were wanted.
         self._wanted: OrderedDict[str, dict[Job, None]] = OrderedDict()
         self._loading: dict[str, asyncio.Task[None]] = {}
@@ -188,6 +204,8 @@ class ModelSet:
         self._retiring: str | None = None
         #: The jobs each model was just loaded for: it is not unloaded while they wait.
         self._loaded_for: dict[str, list[Job]] = {}
+        #: The latest loads and unloads, oldest first.
+        self.history: deque[ModelEvent] = deque(maxlen=HISTORY_LENGTH)
 
     # ------------------------------------------------------------------ queries
 
@@ -232,12 +250,14 @@ class ModelSet:
         self._max_batch = max_batch
         config = self._config
         default = config.default_model
+        self.starting = default
         started = time.monotonic()
         model = await self._thread.call(
             load_model, default.spec, name=default.name, **config.model_arguments(default.name)
         )
         await self._install(model, time.monotonic() - started)
         for spec in config.models[1:]:
+            self.starting = spec
             started = time.monotonic()
             model = await self.loader_thread.call(_load_with_one_thread, spec, config)
             await self._install(model, time.monotonic() - started)
@@ -347,6 +367,7 @@ class ModelSet:
             model = await self.loader_thread.call(_load_with_one_thread, spec, self._config)
             await self._install(model, time.monotonic() - started)
         except Exception as exc:  # noqa: BLE001 - its jobs fail; the server goes on
+            self.history.append(ModelEvent("load_failed", name, time.monotonic() - started))
             self._metrics.model_load_failures.labels(model=name).inc()
             jobs = list(self._wanted.pop(name, {}))
             logger.error(
@@ -384,6 +405,7 @@ class ModelSet:
         self._residency.add(name)
         self._metrics.model_resident.labels(model=name).set(1)
         self._metrics.model_load_seconds.labels(model=name).set(seconds)
+        self.history.append(ModelEvent("load", name, seconds))
         self._metrics.model_loads.labels(model=name).inc()
         logger.info(
             "model %r loaded in %.1f s (family %s, %s, %s)",
@@ -416,12 +438,14 @@ class ModelSet:
 
         started = time.monotonic()
         before, after, device = await self._thread.call(drop)
+        seconds = time.monotonic() - started
+        self.history.append(ModelEvent("unload", name, seconds, before, after))
         self._metrics.model_resident.labels(model=name).set(0)
         self._metrics.model_unloads.labels(model=name).inc()
         logger.info(
             "model %r unloaded in %.2f s (%s memory in use: %s before, %s after)",
             name,
-            time.monotonic() - started,
+            seconds,
             device,
             _mib(before),
             _mib(after),
