@@ -9,7 +9,9 @@ robin, one job each, FIFO within a session.
 
 :class:`Scheduler` is the asyncio face of it: jobs go in, the engine awaits
 :meth:`Scheduler.next_job` (or starts jobs with :meth:`Scheduler.start_next` while they
-fit), cancels of waiting jobs take effect at once, and positions are
+fit; with several models, :meth:`Scheduler.start` takes a job past those waiting for
+their model to load, which hear ``queued{loading}``: :meth:`Scheduler.set_loading`),
+cancels of waiting jobs take effect at once, and positions are
 told to clients as they change: at once, and then at most once per
 :data:`QUEUED_MIN_INTERVAL` per job (a change within that interval is sent once, when it
 has passed, with the position of that moment).

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Collection, Coroutine, Hashable, Sequence
@@ -147,8 +148,6 @@ def memory_in_use(device: torch.device) -> int | None:
     except ImportError:
         try:
             with open("/proc/self/statm") as statm:
-                import os
-
                 return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError, IndexError):
             return None
@@ -191,7 +190,7 @@ class ModelSet:
         self.facts: dict[str, ModelFacts] = {}
         #: The resident models' cores: written on the engine thread only.
         self._cores: dict[str, EngineCore] = {}
-        #: Names of the models that took the last engine steps, for turns.
+        #: The model whose core took the last engine step: the cores take turns.
         self._last_stepped: str | None = None
         self._max_batch = 0
         #: The model :meth:`start` is loading (the one that failed, if it raised).
@@ -311,8 +310,9 @@ class ModelSet:
             victim = self._residency.victim(keep)
             if victim is not None:
                 self._residency.remove(victim)
-                if self._retiring == victim:
-                    self._retiring = None
+                # Room is being made: a model retired for it takes jobs again (it retires
+                # again if room is still short once this unload is done).
+                self._retiring = None
                 self._start(self._unloading, victim, self._unload_to_make_room(victim))
                 continue
             if self._retiring is None:

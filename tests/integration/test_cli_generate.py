@@ -16,10 +16,10 @@ from PIL import Image
 
 from latentcast.client import connect
 from latentcast.client.cli import CANCEL_GRACE
-from latentcast.server import app as server_app
 from latentcast.server.app import Server
 from latentcast.server.config import ServerConfig
 from latentcast.server.engine import EngineCore, JobStepped, StepReport
+from latentcast.server.engine import models as engine_models
 
 TIMEOUT = 60.0
 LONG = 150  # steps (the default max_steps)
@@ -206,13 +206,13 @@ async def test_a_loading_server_is_waited_for(
     model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     release = threading.Event()
-    real_load = server_app.load_model
+    real_load = engine_models.load_model
 
     def slow_load(*args: Any, **kwargs: Any) -> Any:
         release.wait(TIMEOUT)
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(server_app, "load_model", slow_load)
+    monkeypatch.setattr(engine_models, "load_model", slow_load)  # where the server loads
     out = tmp_path / "x.png"
     try:
         async with Server(ServerConfig(port=0, cache_dir=model_cache)) as server:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from latentcast.protocol import Complete, Error, Queued, Started
+from latentcast.protocol import Complete, Error, Progress, Queued, Started
 from tests.fixtures.loras import build_tiny_lora
 from tests.support import Client, engine_hold, is_terminal, open_client
 
@@ -175,6 +175,38 @@ async def test_with_one_resident_model_alternating_jobs_all_complete(start_serve
         assert model_metric(server, "latentcast_model_load_seconds", "xl") > 0
         resident = [model_metric(server, "latentcast_model_resident", m) for m in ("sd", "xl")]
         assert sorted(resident) == [0, 1]
+        unloads = [event for event in server.models.history if event.kind == "unload"]
+        assert unloads and all(event.memory_before is not None for event in unloads)
+        assert all(event.memory_after is not None for event in unloads)
+        await client.close()
+
+
+async def test_a_model_with_a_running_job_is_not_unloaded_and_takes_no_new_jobs(
+    start_server,
+) -> None:
+    """One resident model, busy: the other model's job waits for the running job to end
+    (the busy model is never unloaded), and a later job for the busy model does not get
+    in ahead of it (the busy model retires until it is unloaded)."""
+    async with start_server(model=TWO_MODELS, max_resident_models=1) as server:
+        client = await open_client(server.ws_url)
+        await client.submit("sd1", model="sd", steps=30, width=128, height=128)
+        await client.recv_until(lambda m: isinstance(m, Started) and m.id == "sd1")
+        await client.submit("xl1", model="xl", **JOB)
+        await client.recv_until(
+            lambda m: isinstance(m, Queued) and m.id == "xl1" and m.loading is True
+        )
+        assert server.models.resident == ("sd",), "busy: still loaded"
+        await client.submit("sd2", model="sd", **JOB)
+        for job_id in ("sd1", "xl1", "sd2"):
+            assert isinstance(await client.ended(job_id), Complete)
+        # sd1's last step (its last progress, never replaced) came before xl1 started.
+        order = [
+            (m.type, m.id, getattr(m, "step", None))
+            for m in client.received
+            if isinstance(m, Started | Progress) and m.id in ("sd1", "xl1", "sd2")
+        ]
+        assert order.index(("progress", "sd1", 30)) < order.index(("started", "xl1", None))
+        assert order.index(("started", "xl1", None)) < order.index(("started", "sd2", None))
         await client.close()
 
 
