@@ -598,7 +598,7 @@ class Server:
     # ------------------------------------------------------------------ 4. close
 
     async def close(self, engine_timeout: float = ENGINE_STOP_TIMEOUT) -> bool:
-        """Stop everything; True when the engine thread has ended. Idempotent.
+        """Stop everything; True when the engine thread (and the model loader) ended. Idempotent.
 
         drain() first for a graceful stop. Waits up to ``engine_timeout`` for the engine
         thread to leave a stopped job (it checks at every step boundary); a process that
@@ -634,10 +634,17 @@ class Server:
                 logger.warning("ray did not shut down within %.1f s", RAY_STOP_TIMEOUT)
         # A job stopped at the deadline leaves the engine at its next step boundary.
         self._thread.close()
-        if await asyncio.to_thread(self._thread.join, max(0.0, engine_timeout)):
-            return True
-        logger.warning("the engine thread is still inside a step after %.1f s", engine_timeout)
-        return False
+        deadline = time.monotonic() + max(0.0, engine_timeout)
+        if not await asyncio.to_thread(self._thread.join, max(0.0, engine_timeout)):
+            logger.warning("the engine thread is still inside a step after %.1f s", engine_timeout)
+            return False
+        # A model load in progress (several models) ends on its own thread.
+        models = self._models
+        left = max(0.0, deadline - time.monotonic())
+        if models is not None and not await asyncio.to_thread(models.join_loader, left):
+            logger.warning("the model loader is still loading after %.1f s", engine_timeout)
+            return False
+        return True
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -482,8 +482,14 @@ class ModelSet:
         return StepReport([], [], 0.0)
 
     async def close(self) -> None:
-        """Stop loading (a load in progress finishes on its thread, unused)."""
+        """Stop loading: a load in progress finishes on its thread, unused, and the
+        thread ends then (:meth:`join_loader`)."""
         for task in [*self._loading.values(), *self._unloading.values()]:
             task.cancel()
         if self._loader is not None:
             self._loader.close()
+
+    def join_loader(self, timeout: float) -> bool:
+        """Wait (blocking) for the loader thread to end after :meth:`close`; False if it
+        is still inside a load after ``timeout``. True when there never was one."""
+        return self._loader is None or self._loader.join(timeout)

@@ -287,3 +287,20 @@ async def test_batches_never_mix_models(start_server) -> None:
         assert buckets["1.0"] < buckets["+Inf"], f"no model's jobs shared a call: {buckets}"
         assert not [m for m in client.received if is_terminal(m) and m.type == "error"]
         await client.close()
+
+
+async def test_a_job_waiting_for_its_model_at_the_drain_deadline_ends_with_shutdown(
+    start_server,
+) -> None:
+    async with start_server(model=TWO_MODELS, max_resident_models=1, drain_timeout=0.5) as server:
+        client = await open_client(server.ws_url)
+        async with loader_hold(server):
+            await client.submit("xl1", model="xl", **JOB)
+            await client.recv_until(
+                lambda m: isinstance(m, Queued) and m.id == "xl1" and m.loading is True
+            )
+            await server.drain()
+            end = await client.ended("xl1")
+            assert isinstance(end, Error) and end.code == "shutdown", end
+        about = [m for m in client.received if getattr(m, "id", None) == "xl1"]
+        assert [m for m in about if is_terminal(m)] == [end], "one terminal message"
