@@ -302,11 +302,12 @@ class EngineWorker:
         key = next(self._keys)
         self._running[key] = _Running(job, group, rows, model)
         logger.info(
-            "session=%s job=%s started (%d rows, %d jobs in the engine)",
+            "session=%s job=%s started (%d rows, %d jobs in the engine%s)",
             job.session_id,
             job.id,
             rows,
             len(self._running),
+            "" if model is None else f", model {model!r}",
         )
         return JobSpec(key, job.request)
 
