@@ -57,12 +57,13 @@ from .engine import (
     ModelFacts,
     default_max_batch,
 )
+from .engine.models import ModelSet
 from .metrics import Metrics
-from .models import LoadedModel, load_model
+from .models import LoadedModel, resolve_device
 from .models.controlnets import MAX_CONTROLS_PER_JOB
 from .resume import ResumeRegistry, ResumeRequest
 from .scheduler import Scheduler
-from .session import Session, SessionContext
+from .session import ModelContext, Session, SessionContext
 from .transport import WS_PATH, HttpFront, ServerStatus
 
 if TYPE_CHECKING:
@@ -119,7 +120,6 @@ class Server:
         self.resumes: ResumeRegistry[Session] = ResumeRegistry(
             window=config.resume_window, metrics=self.metrics
         )
-        self.model: LoadedModel | None = None
         self.phase = Phase.CREATED
         self._thread = EngineThread()
         self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="latentcast-encode")
@@ -135,6 +135,8 @@ class Server:
         self._engine_error: BaseException | None = None
         #: One per engine: the embedded one, or each Ray actor.
         self._workers: list[EngineWorker] = []
+        #: The embedded engine's models (None with Ray engines).
+        self._models: ModelSet | None = None
         #: The Ray runtime the engines live on, when they are Ray actors.
         self._ray: RayRuntime | None = None
         #: time.monotonic() of the first and the latest request_stop() (signals).
@@ -170,6 +172,16 @@ class Server:
     def workers(self) -> tuple[EngineWorker, ...]:
         """One engine loop per engine serving now; with Ray engines, more join as they load."""
         return tuple(self._workers)
+
+    @property
+    def model(self) -> LoadedModel | None:
+        """The default model while it is loaded in this process (None with Ray engines)."""
+        return None if self._models is None else self._models.loaded(self._models.default)
+
+    @property
+    def models(self) -> ModelSet | None:
+        """The embedded engine's models (None with Ray engines)."""
+        return self._models
 
     @property
     def engine_thread(self) -> EngineThread:
@@ -255,15 +267,27 @@ class Server:
 
     async def _start_local_engine(self) -> None:
         config = self.config
-        logger.info("loading model %r on device %r", config.model, config.device)
+        names = ", ".join(repr(spec.name) for spec in config.models)
+        logger.info(
+            "loading models %s on device %r (at most %d loaded at once)",
+            names,
+            config.device,
+            config.resident_models,
+        )
         started = time.monotonic()
+        models = ModelSet(config, self._thread, self.scheduler, self.metrics)
+        self._models = models
         try:
-            model = await self._thread.call(load_model, config.model, **config.model_arguments())
+            # On the engine thread, like all torch work (see below).
+            device = await self._thread.call(resolve_device, config.device)
+            max_batch = config.max_batch or default_max_batch(device.type)
+            engine = await LocalEngine.start(self._thread, models, max_batch)
         except Exception as exc:  # noqa: BLE001 - reported, and the server stops
-            logger.error("could not load model %r: %s", config.model, exc)
+            failed = models.starting
+            logger.error("could not load model %r: %s", failed.name if failed else names, exc)
             self._load_failed(exc)
             return
-        if model.device.type == "cpu":
+        if device.type == "cpu":
             # Set on the engine thread itself, also to the default: torch's thread count
             # is per thread, and this is the one that runs the model. Without
             # --cpu-threads: the count torch chose for this process (one per physical
@@ -271,22 +295,17 @@ class Server:
             threads = config.cpu_threads or await self._thread.call(torch.get_num_threads)
             await self._thread.call(torch.set_num_threads, threads)
             logger.info("engine uses %d CPU threads", threads)
-        # The core and the model's facts are made on the engine thread, like all torch
+        # The cores and the models' facts are made on the engine thread, like all torch
         # work (the facts build every scheduler). One parallel torch op on this (the
         # loop's) thread would give it an OpenMP thread pool of its own for good, and with
         # more OpenMP threads than cores libgomp stops spin-waiting: every parallel op of
         # the engine would then pay futex wake-ups (measured: the (e) job 2.1-2.8 s instead
         # of 1.5-1.8 s on 2 cores).
-        max_batch = config.max_batch or default_max_batch(model.device.type)
-        engine = await LocalEngine.start(self._thread, model, max_batch)
-        self.model = model
         logger.info(
-            "model %r loaded in %.1f s (family %s, %s, %s)",
-            model.name,
+            "%d models ready in %.1f s; loaded: %s",
+            len(config.models),
             time.monotonic() - started,
-            model.family.name,
-            model.device,
-            str(model.dtype).removeprefix("torch."),
+            ", ".join(repr(name) for name in models.resident),
         )
         self._serve_engine(engine)
 
@@ -324,7 +343,10 @@ class Server:
         gpus = runtime.gpus_per_engine()
         count = config.ray_engines
         logger.info(
-            "starting %d engines (model %r, %s GPU each)", count, config.model, gpus or "no"
+            "starting %d engines (model %r, %s GPU each)",
+            count,
+            config.default_model.name,
+            gpus or "no",
         )
         starts = [
             asyncio.create_task(RayEngine.start(f"ray-{index}", config, gpus=gpus))
@@ -344,24 +366,38 @@ class Server:
             for start in starts:  # closed while engines were still loading
                 start.cancel()
         if len(errors) == count:
-            logger.error("could not load model %r on any engine", config.model)
+            logger.error("could not load model %r on any engine", config.default_model.name)
             self._load_failed(errors[0])
 
     def _serve_engine(self, engine: EngineHandle) -> None:
         """Start the engine loop of ``engine``; the first one makes the server ready."""
         batching = engine.policy.max_batch > 1
+        models = self._models
         if self._context is None:
-            self._context = self._session_context(engine.facts, batching=batching)
-            # Everything loaded so far (torch, diffusers, the model's modules) lives as
-            # long as the process: out of the collector's sight, a full collection no
-            # longer walks it. Measured (bench_engines.py (c), 1,000 sessions): full
-            # collections of 270-350 ms, 35-105 ms frozen, each a stall of every session.
-            gc.freeze()
+            every = (
+                [models.facts_of(name) for name in models.names]
+                if models is not None
+                else [engine.facts]
+            )
+            self._context = self._session_context(every, batching=batching)
+            if self.config.resident_models == len(self.config.models):
+                # Everything loaded so far (torch, diffusers, the model's modules) lives as
+                # long as the process: out of the collector's sight, a full collection no
+                # longer walks it. Measured (bench_engines.py (c), 1,000 sessions): full
+                # collections of 270-350 ms, 35-105 ms frozen, each a stall of every
+                # session. Not when models come and go: an unloaded model must be
+                # collectable.
+                gc.freeze()
         logger.info(
             "engine %s batches up to %d UNet rows per step", engine.name, engine.policy.max_batch
         )
         worker = EngineWorker(
-            engine, self.scheduler, self._encoder, self.metrics, peers=lambda: self._workers
+            engine,
+            self.scheduler,
+            self._encoder,
+            self.metrics,
+            peers=lambda: self._workers,
+            models=models,
         )
         self._workers.append(worker)
         engine_loop = asyncio.create_task(worker.run(), name=f"engine-loop-{engine.name}")
@@ -393,7 +429,50 @@ class Server:
             job.end(Error(id=job.id, code=ErrorCode.INTERNAL, message=message))
         self.request_stop()
 
-    def _session_context(self, model: ModelFacts, *, batching: bool) -> SessionContext:
+    def _session_context(self, every: list[ModelFacts], *, batching: bool) -> SessionContext:
+        """What sessions share; ``every`` model's facts, the default first."""
+        controls = any(facts.controlnets for facts in every)
+        limits = self.config.limits().model_copy(
+            update={"max_controls": MAX_CONTROLS_PER_JOB if controls else 0}
+        )
+        models = {facts.name: self._model_context(facts) for facts in every}
+        default = models[every[0].name]
+        features = ("batching",) if batching else ()
+        if len(models) > 1:
+            features += ("models",)
+        if controls:
+            features += ("controls",)
+        features += ("resume",)
+        return SessionContext(
+            config=self.config,
+            server_name=f"latentcast/{__version__}",
+            rules=SubmitRules(
+                limits=limits,
+                schedulers=every[0].schedulers,
+                loras=every[0].loras,
+                controlnets=every[0].controlnets,
+                models={
+                    facts.name: ModelRules(
+                        schedulers=facts.schedulers,
+                        loras=facts.loras,
+                        controlnets=facts.controlnets,
+                    )
+                    for facts in every
+                },
+            ),
+            defaults=default.defaults,
+            model=default.info,
+            scheduler=self.scheduler,
+            metrics=self.metrics,
+            is_draining=lambda: not self._accepting(),
+            image_previews=default.image_previews,
+            scheduler_step_limits=default.scheduler_step_limits,
+            features=features,
+            models=models,
+            resumes=self.resumes,
+        )
+
+    def _model_context(self, model: ModelFacts) -> ModelContext:
         config = self.config
         latent_rgb = model.latent_rgb
         info = ModelInfo(
@@ -411,28 +490,9 @@ class Server:
                 else None
             ),
         )
-        limits = config.limits().model_copy(
-            update={"max_controls": MAX_CONTROLS_PER_JOB if model.controlnets else 0}
-        )
-        features = ("batching",) if batching else ()
-        if model.controlnets:
-            features += ("controls",)
-        return SessionContext(
-            config=config,
-            server_name=f"latentcast/{__version__}",
-            rules=SubmitRules(
-                limits=limits,
-                schedulers=model.schedulers,
-                loras=model.loras,
-                controlnets=model.controlnets,
-                models={
-                    model.name: ModelRules(
-                        schedulers=model.schedulers,
-                        loras=model.loras,
-                        controlnets=model.controlnets,
-                    )
-                },
-            ),
+        limits = config.limits()
+        return ModelContext(
+            info=info,
             defaults=Defaults(
                 width=min(model.default_size, limits.max_width),
                 height=min(model.default_size, limits.max_height),
@@ -440,14 +500,8 @@ class Server:
                 guidance_scale=7.5,
                 scheduler=model.default_scheduler,
             ),
-            model=info,
-            scheduler=self.scheduler,
-            metrics=self.metrics,
-            is_draining=lambda: not self._accepting(),
             image_previews=model.image_previews,
             scheduler_step_limits=model.step_limits,
-            features=(*features, "resume"),
-            resumes=self.resumes,
         )
 
     async def wait_ready(self) -> None:
@@ -604,7 +658,7 @@ class Server:
     # ------------------------------------------------------------------ 4. close
 
     async def close(self, engine_timeout: float = ENGINE_STOP_TIMEOUT) -> bool:
-        """Stop everything; True when the engine thread has ended. Idempotent.
+        """Stop everything; True when the engine thread (and the model loader) ended. Idempotent.
 
         drain() first for a graceful stop. Waits up to ``engine_timeout`` for the engine
         thread to leave a stopped job (it checks at every step boundary); a process that
@@ -627,6 +681,8 @@ class Server:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._models is not None:
+            await self._models.close()
         self._encoder.shutdown(wait=False, cancel_futures=True)
         if self._ray is not None:
             # Our actors end with the connection; a runtime started here ends with them.
@@ -639,10 +695,17 @@ class Server:
                 logger.warning("ray did not shut down within %.1f s", RAY_STOP_TIMEOUT)
         # A job stopped at the deadline leaves the engine at its next step boundary.
         self._thread.close()
-        if await asyncio.to_thread(self._thread.join, max(0.0, engine_timeout)):
-            return True
-        logger.warning("the engine thread is still inside a step after %.1f s", engine_timeout)
-        return False
+        deadline = time.monotonic() + max(0.0, engine_timeout)
+        if not await asyncio.to_thread(self._thread.join, max(0.0, engine_timeout)):
+            logger.warning("the engine thread is still inside a step after %.1f s", engine_timeout)
+            return False
+        # A model load in progress (several models) ends on its own thread.
+        models = self._models
+        left = max(0.0, deadline - time.monotonic())
+        if models is not None and not await asyncio.to_thread(models.join_loader, left):
+            logger.warning("the model loader is still loading after %.1f s", engine_timeout)
+            return False
+        return True
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -56,8 +56,19 @@ SERVE_OPTIONS = (
         "model",
         f"a built-in model: {', '.join(BUILTIN_MODELS)} (small, random weights, no "
         "download; SD 1.x, SDXL and SD 1.x inpainting), or a diffusers folder, a "
-        ".safetensors/.ckpt checkpoint, or a Hugging Face Hub model id (default tiny)",
-        metavar="NAME|PATH",
+        ".safetensors/.ckpt checkpoint, or a Hugging Face Hub model id (default tiny); "
+        "repeatable as NAME=SPEC to serve several models, jobs choosing one by NAME "
+        "(the first is the default)",
+        repeatable=True,
+        metavar="[NAME=]SPEC",
+    ),
+    _Option(
+        "--max-resident-models",
+        "max_resident_models",
+        "how many of the --model models stay loaded at once; the least recently used idle "
+        "one is unloaded to make room (default: all of them)",
+        int,
+        metavar="N",
     ),
     _Option(
         "--device", "device", "auto, cpu, cuda, cuda:N or mps (default auto)", metavar="DEVICE"
@@ -384,8 +395,12 @@ def _main(argv: Sequence[str] | None) -> int:
     except ValidationError as exc:
         flags = {option.dest: option.flag for option in SERVE_OPTIONS}
         problems = "; ".join(
-            f"{flags.get(str(error['loc'][0]), '.'.join(str(p) for p in error['loc']))}: "
-            f"{error['msg']}"
+            (
+                f"{flags.get(str(error['loc'][0]), '.'.join(str(p) for p in error['loc']))}: "
+                if error["loc"]
+                else ""
+            )
+            + error["msg"].removeprefix("Value error, ")
             for error in exc.errors()
         )
         serve.error(f"invalid configuration: {problems}")

@@ -8,10 +8,11 @@ tests build one directly. Nothing else reads the environment.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from latentcast.protocol import Limits
 
@@ -19,6 +20,29 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 
 #: Most a connection may have waiting to be sent before it counts as not reading.
 DEFAULT_MAX_PENDING_MESSAGES = 1024
+
+#: A name of a model (``--model NAME=SPEC``) or of a LoRA (``--lora NAME=PATH``).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One ``--model``: the name jobs choose it by and what to load."""
+
+    name: str
+    spec: str
+
+    @classmethod
+    def parse(cls, option: str) -> ModelSpec:
+        """``NAME=SPEC``, or a bare SPEC named by itself (as before several models).
+
+        A part before the first ``=`` that is not a valid name (a path, a hub id with a
+        ``/``) makes the whole option a bare SPEC.
+        """
+        name, sep, spec = option.partition("=")
+        if sep and spec and NAME_PATTERN.fullmatch(name):
+            return cls(name, spec)
+        return cls(option, option)
 
 
 class ServerConfig(BaseModel):
@@ -28,7 +52,11 @@ class ServerConfig(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8765, ge=0, le=65535)
-    model: str = "tiny"
+    #: ``--model``, repeatable: each a SPEC or NAME=SPEC (:class:`ModelSpec`); the
+    #: first is the default model. A single string is read as one model.
+    model: tuple[str, ...] = ("tiny",)
+    #: How many models stay loaded at once; None: all of them.
+    max_resident_models: int | None = Field(default=None, ge=1)
     device: str = "auto"
     dtype: Literal["float16", "bfloat16", "float32"] | None = None
     cache_dir: Path | None = None
@@ -84,6 +112,50 @@ class ServerConfig(BaseModel):
     ray_address: str | None = None
     log_level: LogLevel = "info"
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _one_model_is_a_string(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("model")
+    @classmethod
+    def _model_names_are_unique(cls, models: tuple[str, ...]) -> tuple[str, ...]:
+        if not models:
+            raise ValueError("at least one model is needed")
+        names: set[str] = set()
+        for option in models:
+            model = ModelSpec.parse(option)
+            if not model.spec:
+                raise ValueError("a model spec may not be empty")
+            if model.name in names:
+                raise ValueError(f"model name {model.name!r} is given twice")
+            names.add(model.name)
+        return models
+
+    @model_validator(mode="after")
+    def _ray_engines_serve_one_model(self) -> ServerConfig:
+        if self.ray_engines and len(self.model) > 1:
+            raise ValueError(
+                "--engines / --ray-address serve one model for now: give a single --model "
+                f"(got {len(self.model)})"
+            )
+        return self
+
+    @property
+    def models(self) -> tuple[ModelSpec, ...]:
+        """Every ``--model``, parsed; the default first."""
+        return tuple(ModelSpec.parse(option) for option in self.model)
+
+    @property
+    def default_model(self) -> ModelSpec:
+        return self.models[0]
+
+    @property
+    def resident_models(self) -> int:
+        """How many models may be loaded at once (``--max-resident-models``, at most all)."""
+        count = len(self.model)
+        return min(count, self.max_resident_models or count)
+
     @field_validator("tokens")
     @classmethod
     def _no_empty_tokens(cls, tokens: tuple[str, ...]) -> tuple[str, ...]:
@@ -116,17 +188,26 @@ class ServerConfig(BaseModel):
         """How many engines run in Ray actors; 0 for the embedded engine."""
         return self.engines or (1 if self.ray_address is not None else 0)
 
-    def model_arguments(self) -> dict[str, Any]:
-        """Keyword arguments of ``load_model(self.model, ...)``: the same model wherever
-        an engine loads it (this process, a Ray actor)."""
-        return {
+    def model_arguments(self, name: str | None = None) -> dict[str, Any]:
+        """Keyword arguments of ``load_model(spec, ...)`` for the model ``name`` (the
+        default one when None): the same model wherever an engine loads it (this process,
+        a Ray actor). ``--model-config``, ``--lora`` and ``--preview-decoder`` belong to
+        the default model. ``--controlnet`` goes to every model: with several models each
+        one takes the ControlNets of its family and leaves the others out."""
+        shared: dict[str, Any] = {
             "device": self.device,
             "dtype": self.dtype,
             "cache_dir": self.cache_dir,
+            "controlnets": self.controlnet_paths(),
+            "skip_other_families": len(self.model) > 1,
+        }
+        if name is not None and name != self.default_model.name:
+            return shared
+        return {
+            **shared,
             "model_config": self.checkpoint_config,
             "loras": self.lora_paths(),
             "preview_decoder": self.preview_decoder,
-            "controlnets": self.controlnet_paths(),
         }
 
     @field_validator("allow_origins")

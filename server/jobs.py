@@ -82,6 +82,8 @@ class GenerationRequest:
     loras: tuple[tuple[str, float], ...] = ()
     #: ControlNets steering this job, in the order the client gave them.
     controls: tuple[JobControl, ...] = ()
+    #: The model's name (``params.model``); None: the server's default model.
+    model: str | None = None
 
     @property
     def schedule_steps(self) -> int:

@@ -107,6 +107,37 @@ class Metrics:
             "Resumable sessions ended because the resume window passed without a resume.",
             registry=self.registry,
         )
+        # Per model (--model NAME=SPEC; the name of a bare SPEC is the spec).
+        self.model_resident = Gauge(
+            "latentcast_model_resident",
+            "1 while the model is loaded on the engine, 0 while it is not.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.model_load_seconds = Gauge(
+            "latentcast_model_load_seconds",
+            "Wall time of the model's last load (loading, then making its engine core).",
+            ["model"],
+            registry=self.registry,
+        )
+        self.model_loads = Counter(
+            "latentcast_model_loads",
+            "Loads of the model (the one at start included).",
+            ["model"],
+            registry=self.registry,
+        )
+        self.model_load_failures = Counter(
+            "latentcast_model_load_failures",
+            "Loads of the model that failed (its waiting jobs ended with generation_failed).",
+            ["model"],
+            registry=self.registry,
+        )
+        self.model_unloads = Counter(
+            "latentcast_model_unloads",
+            "Unloads of the model, to make room for another (--max-resident-models).",
+            ["model"],
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

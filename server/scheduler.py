@@ -9,7 +9,9 @@ robin, one job each, FIFO within a session.
 
 :class:`Scheduler` is the asyncio face of it: jobs go in, the engine awaits
 :meth:`Scheduler.next_job` (or starts jobs with :meth:`Scheduler.start_next` while they
-fit), cancels of waiting jobs take effect at once, and positions are
+fit; with several models, :meth:`Scheduler.start` takes a job past those waiting for
+their model to load, which hear ``queued{loading}``: :meth:`Scheduler.set_loading`),
+cancels of waiting jobs take effect at once, and positions are
 told to clients as they change: at once, and then at most once per
 :data:`QUEUED_MIN_INTERVAL` per job (a change within that interval is sent once, when it
 has passed, with the position of that moment).
@@ -121,14 +123,27 @@ class FairQueue(Generic[T]):
 
     def pop(self) -> T | None:
         """The next item to start, removed; None when nothing waits."""
-        lane = self._next_lane()
-        if lane is None:
+        item = self.peek()
+        if item is None:
             return None
-        _, item = lane.items.popleft()
+        self.take(item)
+        return item
+
+    def take(self, item: T) -> None:
+        """Start ``item``, which need not be next (its model is loaded, the ones before it
+        wait for theirs): removed, and its session's turn counts as taken.
+
+        Raises:
+            KeyError: ``item`` is not waiting.
+        """
+        session = self._where.pop(item)
+        lane = self._lanes[session]
+        for entry in lane.items:
+            if entry[1] == item:
+                lane.items.remove(entry)
+                break
         lane.last_started, lane.start_before = item, lane.last_start
         lane.last_start = next(self._ticks)
-        del self._where[item]
-        return item
 
     def unpop(self, item: T, session: Hashable, age: int) -> None:
         """Undo the start of ``item``: it waits again with its ``age`` and, when it was its
@@ -218,6 +233,8 @@ class Scheduler:
         self._unfinished: set[Job] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        #: Waiting jobs whose model is being loaded (their ``queued`` says ``loading``).
+        self._loading: set[Job] = set()
 
     # ------------------------------------------------------------------ queries
 
@@ -307,6 +324,19 @@ class Scheduler:
         await self.wait_for_waiting()
         return self.start_next()
 
+    async def wait_for_change(self) -> None:
+        """Until a job is queued (or requeued), or :meth:`wake` is called."""
+        self._wakeup.clear()
+        await self._wakeup.wait()
+
+    def wake(self) -> None:
+        """Wake the engine loops waiting in :meth:`wait_for_change` (a model was loaded)."""
+        self._wakeup.set()
+
+    def waiting_in_order(self) -> list[Job]:
+        """Every waiting job, in the order they start if each can start when its turn comes."""
+        return self._queue.order()
+
     async def wait_for_waiting(self) -> None:
         """Until a job waits (at once if one does)."""
         while not self.waiting:
@@ -326,15 +356,51 @@ class Scheduler:
         Raises:
             LookupError: no job waits.
         """
-        job = self._queue.pop()
+        job = self._queue.peek()
         if job is None:
             raise LookupError("no job is waiting")
+        self.start(job)
+        return job
+
+    def start(self, job: Job) -> None:
+        """Take ``job`` out of the queue, marked RUNNING, though jobs before it wait: only
+        for jobs that wait for their model to be loaded (PROTOCOL.md 5.6 otherwise).
+
+        Raises:
+            KeyError: ``job`` is not waiting.
+        """
+        self._queue.take(job)
         self._leave_queue(job)
         job.state = JobState.RUNNING
         job.started_at = time.monotonic()
         self._metrics.queue_seconds.observe(job.started_at - job.accepted_at)
         self._publish(self._queue.order())
-        return job
+
+    def set_loading(self, job: Job, loading: bool) -> None:
+        """A waiting job's model began (True) or ended (False) loading: said at once, in a
+        ``queued`` with the job's position and ``loading``. Nothing for a job not waiting."""
+        pacing = self._pacing.get(job)
+        if pacing is None or (job in self._loading) == loading:
+            return
+        if loading:
+            self._loading.add(job)
+        else:
+            self._loading.discard(job)
+        pacing.cancel()
+        job.position = position = pacing.current
+        pacing.told_at = self._timers.time()
+        job.owner.send_latest(
+            (job.id, "queued"), partial(Queued, id=job.id, position=position, loading=loading)
+        )
+
+    def end_waiting(self, job: Job, message: Error) -> None:
+        """End a waiting job with ``message`` (its model could not be loaded)."""
+        if job not in self._queue:
+            return
+        self._queue.remove(job)
+        self._leave_queue(job)
+        job.end(message)
+        self._publish(self._queue.order())
 
     def requeue(self, job: Job) -> None:
         """Put back a job that was started but never reached an engine (the engine was
@@ -370,6 +436,7 @@ class Scheduler:
 
     def _leave_queue(self, job: Job) -> None:
         """``job`` started or ended: no ``queued`` about it any more, pending or not."""
+        self._loading.discard(job)
         pacing = self._pacing.pop(job, None)
         if pacing is not None:
             pacing.cancel()
@@ -420,11 +487,13 @@ class Scheduler:
         if pacing.current != job.position:
             self._send_queued(job, pacing, self._timers.time())
 
-    @staticmethod
-    def _send_queued(job: Job, pacing: _Pacing, now: float) -> None:
+    def _send_queued(self, job: Job, pacing: _Pacing, now: float) -> None:
         job.position = position = pacing.current
         pacing.told_at = now
-        job.owner.send_latest((job.id, "queued"), partial(Queued, id=job.id, position=position))
+        loading = True if job in self._loading else None
+        job.owner.send_latest(
+            (job.id, "queued"), partial(Queued, id=job.id, position=position, loading=loading)
+        )
 
 
 _OUTCOME_LABELS = {

@@ -62,6 +62,16 @@ CLOSE_HANDSHAKE_TIMEOUT = 0.5
 
 
 @dataclass(frozen=True)
+class ModelContext:
+    """One model as a submit that names it (``params.model``) is checked and completed."""
+
+    info: ModelInfo
+    defaults: Defaults
+    image_previews: bool = True
+    scheduler_step_limits: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class SessionContext:
     """What every session shares: built once by the server when the model is loaded."""
 
@@ -78,11 +88,23 @@ class SessionContext:
     #: Schedulers that refuse more than some number of steps (lcm: 50).
     scheduler_step_limits: Mapping[str, int] = field(default_factory=dict)
     #: The optional protocol features announced in ``welcome.features``: "batching" when
-    #: jobs may share denoising steps (``--max-batch`` above 1); "models", "controls"
-    #: are still to come; "resume" when resumable sessions are offered (``resumes``).
+    #: jobs may share denoising steps (``--max-batch`` above 1), "models" when several
+    #: models are served, "controls" when ControlNets are loaded, "resume" when resumable
+    #: sessions are offered (``resumes``).
     features: tuple[str, ...] = ()
     #: Tokens of resumable sessions and timers of detached ones; None: none offered.
     resumes: ResumeRegistry[Session] | None = None
+    #: Every model by name, the default first (feature "models"); empty: only ``model``.
+    models: Mapping[str, ModelContext] = field(default_factory=dict)
+
+    def chosen(self, name: str | None) -> ModelContext:
+        """The model a submit's ``params.model`` names (None: the default)."""
+        model = self.models.get(name) if name is not None else None
+        if model is not None:
+            return model
+        return ModelContext(
+            self.model, self.defaults, self.image_previews, self.scheduler_step_limits
+        )
 
 
 class Session:
@@ -163,7 +185,7 @@ class Session:
             server=self.context.server_name,
             session=self.id,
             model=self.context.model,
-            models=[self.context.model],
+            models=[model.info for model in self.context.models.values()] or [self.context.model],
             features=list(self.context.features),
             resume_token=token,
             resumed=resumed_after is not None,
@@ -378,11 +400,13 @@ class Session:
         context = self.context
         scheduler = context.scheduler
         params = submit.params
-        defaults = context.defaults
+        # Every default and rule from here on is the chosen model's (PROTOCOL.md section 3).
+        model = context.chosen(params.model)
+        defaults = model.defaults
         steps = params.steps or defaults.steps
         strength = params.strength if params.strength is not None else DEFAULT_STRENGTH
         scheduler_name = params.scheduler or defaults.scheduler
-        step_limit = context.scheduler_step_limits.get(scheduler_name)
+        step_limit = model.scheduler_step_limits.get(scheduler_name)
         if step_limit is not None and steps > step_limit:
             return self._reject(
                 submit,
@@ -396,7 +420,7 @@ class Session:
             return self._reject(
                 submit, ErrorCode.DUPLICATE_ID, f"job {submit.id!r} is still unfinished"
             )
-        unsupported = self._unsupported(submit)
+        unsupported = self._unsupported(submit, model)
         if unsupported is not None:
             return self._reject(submit, ErrorCode.UNSUPPORTED, unsupported)
         init_image = mask = None
@@ -455,27 +479,32 @@ class Session:
             strength=strength,
             loras=tuple((lora.name, lora.scale) for lora in params.loras),
             controls=controls,
+            model=params.model,
         )
         job = Job(id=submit.id, owner=self, request=request)
         position = scheduler.submit(job, replacing=replacing)
         self.jobs[job.id] = job
         logger.info(
-            "session=%s job=%s accepted (%s) at position %d%s",
+            "session=%s job=%s accepted (%s on %s) at position %d%s",
             self.id,
             job.id,
             request.mode,
+            model.info.name,
             position,
             f" replacing {submit.replaces}" if submit.replaces else "",
         )
         self.send(Accepted(id=job.id, position=position))
         return None
 
-    def _unsupported(self, submit: Submit) -> str | None:
-        model = self.context.model
+    def _unsupported(self, submit: Submit, chosen: ModelContext) -> str | None:
+        model = chosen.info
         mode = submit.params.mode
         if mode not in model.modes:
-            return f"{mode} is not available with this model (modes: {', '.join(model.modes)})"
-        if submit.preview.kind == "image" and not self.context.image_previews:
+            return (
+                f"{mode} is not available with model {model.name!r} "
+                f"(modes: {', '.join(model.modes)})"
+            )
+        if submit.preview.kind == "image" and not chosen.image_previews:
             return "image previews are not available for this model; ask for latent previews"
         return None
 

@@ -45,6 +45,7 @@ from latentcast.protocol import (
     Error,
     ImagePreview,
     LatentPreview,
+    ModelInfo,
     Queued,
     Started,
 )
@@ -107,6 +108,7 @@ FLAG_BY_FIELD = {
     "mask": "--mask",
     "loras": "--lora",
     "controls": "--control",
+    "model": "--model",
     "preview": "--preview",
     "output": "--output-format/--quality",
 }
@@ -278,6 +280,11 @@ def add_generate_command(commands: Any) -> argparse.ArgumentParser:
             "(repeatable; scale 0 to 2, default 1)"
         ),
     )
+    request.add_argument(
+        "--model",
+        metavar="NAME",
+        help="one of the server's models (default: the server's default model)",
+    )
 
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -374,6 +381,7 @@ def _settings(args: argparse.Namespace, environ: Mapping[str, str]) -> _Settings
         "mask": args.mask,
         "loras": args.lora,
         "controls": args.control,
+        "model": args.model,
     }
     return _Settings(
         prompt=args.prompt,
@@ -555,14 +563,25 @@ def _still_loading(settings: _Settings) -> LatentcastError:
 def _preview_kind(settings: _Settings, client: Client) -> str | None:
     if settings.preview_dir is None:
         return None
-    if settings.preview_kind == "latent" and client.latent_rgb is None:
+    model = _model_info(client, settings)
+    if settings.preview_kind == "latent" and model.latent_rgb is None:
         raise LatentcastError(
-            f"model {client.welcome.model.name!r} has no latent_rgb factors to turn latent "
+            f"model {model.name!r} has no latent_rgb factors to turn latent "
             "previews into pictures: use --preview image"
         )
     if settings.preview_kind is not None:
         return settings.preview_kind
-    return "latent" if client.latent_rgb is not None else "image"
+    return "latent" if model.latent_rgb is not None else "image"
+
+
+def _model_info(client: Client, settings: _Settings) -> ModelInfo:
+    """The model the job runs on (--model), as the server describes it."""
+    name = settings.params.get("model")
+    try:
+        return client.model_info(name)
+    except KeyError:
+        # An unknown --model is refused by the submit's own check, with its field.
+        return client.welcome.model
 
 
 async def _follow(
@@ -585,24 +604,27 @@ async def _follow(
         elif isinstance(event, LatentPreview | ImagePreview):
             run.last_step = max(run.last_step, event.step)
             assert settings.preview_dir is not None
-            _save_preview(client, event, settings.preview_dir)
+            _save_preview(client, event, settings.preview_dir, settings)
         elif isinstance(event, Complete):
             display.update("done")
         elif isinstance(event, Cancelled):
             display.update(f"cancelled ({event.reason})")
 
 
-def _save_preview(client: Client, preview: LatentPreview | ImagePreview, folder: Path) -> Path:
+def _save_preview(
+    client: Client, preview: LatentPreview | ImagePreview, folder: Path, settings: _Settings
+) -> Path:
     if isinstance(preview, ImagePreview):
         suffix = {"jpeg": ".jpg"}.get(preview.format, f".{preview.format}")
         path = folder / f"step-{preview.step:04d}{suffix}"
         path.write_bytes(preview.data)
         return path
-    assert client.latent_rgb is not None
+    model = _model_info(client, settings)
+    assert model.latent_rgb is not None
     path = folder / f"step-{preview.step:04d}.png"
-    image = latent_to_pil(preview, client.latent_rgb)
+    image = latent_to_pil(preview, model.latent_rgb)
     # One latent pixel covers vae_scale_factor^2 image pixels: show it at the image's size.
-    scale = max(1, client.welcome.model.vae_scale_factor)
+    scale = max(1, model.vae_scale_factor)
     image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     image.save(path, format="PNG")
     return path

@@ -55,6 +55,7 @@ from latentcast.protocol import (
     LatentPreview,
     LatentRGBInfo,
     LoraRef,
+    ModelInfo,
     ModelRules,
     PreviewRequest,
     ProtocolError,
@@ -176,8 +177,22 @@ class Client:
 
     @property
     def latent_rgb(self) -> LatentRGBInfo | None:
-        """The model's latent-to-RGB factors, for :meth:`preview_to_pil`."""
+        """The default model's latent-to-RGB factors, for :meth:`preview_to_pil`."""
         return self.welcome.model.latent_rgb
+
+    def model_info(self, name: str | None = None) -> ModelInfo:
+        """The server's model ``name`` (``welcome.models``; None: the default model).
+
+        Raises:
+            KeyError: the server has no such model.
+        """
+        if name is None:
+            return self.welcome.model
+        for info in self.welcome.models:
+            if info.name == name:
+                return info
+        known = ", ".join(info.name for info in self.welcome.models)
+        raise KeyError(f"the server has no model {name!r} (it has: {known})")
 
     @property
     def closed(self) -> bool:
@@ -208,6 +223,7 @@ class Client:
         mask: ImageInput | None = None,
         loras: Iterable[LoraSpec] | None = None,
         controls: Iterable[ControlSpec] | None = None,
+        model: str | None = None,
         preview: str | PreviewRequest | None = None,
         preview_every: int | None = None,
         preview_format: str | None = None,
@@ -219,7 +235,9 @@ class Client:
     ) -> Job:
         """Submit a job; returns it once the server has accepted it.
 
-        Omitted options take the server's defaults (``welcome.defaults``). ``preview``
+        Omitted options take the server's defaults (``welcome.defaults``). ``model`` names
+        one of ``welcome.models`` (feature "models"; default: the server's default model).
+        ``preview``
         is ``"none"``, ``"latent"``, ``"image"`` or a :class:`PreviewRequest` (the other
         ``preview_*`` options override its fields). ``replaces`` cancels that job in the
         same moment as this one is queued. ``id`` defaults to a fresh unique one.
@@ -255,6 +273,7 @@ class Client:
             "mask": image_bytes(mask) if mask is not None else None,
             "loras": _loras(loras) if loras is not None else None,
             "controls": _controls(controls) if controls is not None else None,
+            "model": model,
         }
         payload: dict[str, Any] = {
             "type": "submit",
@@ -284,9 +303,12 @@ class Client:
         """``submit(prompt, replaces=job, **params)``: the live front end's primitive."""
         return await self.submit(prompt, replaces=job, **params)
 
-    def preview_to_pil(self, preview: LatentPreview | ImagePreview) -> Image.Image:
-        """A preview event as a PIL image (latent previews via ``latent_rgb``)."""
-        return preview_to_pil(preview, self.latent_rgb)
+    def preview_to_pil(
+        self, preview: LatentPreview | ImagePreview, model: str | None = None
+    ) -> Image.Image:
+        """A preview event as a PIL image (latent previews via the ``latent_rgb`` of the
+        job's ``model``; None: the default model)."""
+        return preview_to_pil(preview, self.model_info(model).latent_rgb)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -5,6 +5,9 @@
 * :mod:`.prepare`, :mod:`.denoise`, :mod:`.decode` — its phases; :mod:`.prompts` — the
   prompt-embedding cache; :mod:`.batching` — which jobs share a UNet call, admission.
 * :mod:`.thread` — :class:`EngineThread`, the one thread that touches the model.
+* :mod:`.models` — :class:`ModelSet`, several models on that thread: one core per loaded
+  model, loads on a loader thread, the least recently used idle model unloaded to make
+  room (:class:`ModelResidency`, the pure choice).
 * :mod:`.facts` — :class:`ModelFacts`, the model as the front end sees it (plain data).
 * :mod:`.handle` — :class:`EngineHandle`, the front end's handle on one engine core;
   :mod:`.local` — :class:`LocalEngine`, the core on this process's engine thread.
@@ -27,6 +30,7 @@ from .events import (
 from .facts import ModelFacts, group_key
 from .handle import EngineHandle, EngineLost
 from .local import LocalEngine
+from .models import ModelEvent, ModelResidency, ModelSet
 from .prepare import PreparedJob, diffusers_arguments, prepare
 from .prompts import PROMPT_CACHE_SIZE, PromptCache, PromptKey, uses_guidance
 from .thread import EngineThread
@@ -50,7 +54,10 @@ __all__ = [
     "JobStopped",
     "LatentSnapshot",
     "LocalEngine",
+    "ModelEvent",
     "ModelFacts",
+    "ModelResidency",
+    "ModelSet",
     "PreparedJob",
     "PromptCache",
     "PromptKey",

@@ -61,6 +61,8 @@ class GroupKey:
     #: The ControlNets the job names in params.controls, sorted (a name given twice is
     #: here twice: called twice). Scales, windows and images are per job.
     controlnets: tuple[str, ...] = ()
+    #: The model's name: jobs of two models never share a call ("" inside one core).
+    model: str = ""
 
 
 @dataclass(frozen=True)

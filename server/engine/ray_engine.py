@@ -54,7 +54,8 @@ class EngineActor:
         if config.device.startswith("cuda"):
             # Ray shows an actor only its own GPU, as cuda:0, whatever --device names.
             arguments["device"] = "cuda"
-        model = load_model(config.model, **arguments)
+        default = config.default_model
+        model = load_model(default.spec, name=default.name, **arguments)
         if model.device.type == "cpu":
             # Ray gives an actor OMP_NUM_THREADS = its CPUs, so torch's default fits.
             torch.set_num_threads(config.cpu_threads or torch.get_num_threads())

@@ -53,3 +53,6 @@ class EngineThread:
                 future.set_result(fn())
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
                 future.set_exception(exc)
+            # Not kept while waiting for the next call: a result (a loaded model) or an
+            # argument (a model being dropped) would live on here.
+            del item, fn, future

@@ -8,6 +8,10 @@ whatever the batch holds. Each event becomes
 messages for the job's session (progress and previews latest-wins, built only when the
 session is about to send them); a job's terminal message goes through :meth:`Job.end`.
 Finished images are encoded in the encoder pool, beside the next steps.
+
+With several models (the embedded engine's :class:`~.models.ModelSet`), a job joins
+only when its model is loaded; one whose model is not waits in the queue while the
+model loads, and the jobs behind it for loaded models go on (:meth:`EngineWorker._admit`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -55,7 +59,9 @@ from .events import (
     JobStopped,
     LatentSnapshot,
 )
+from .facts import ModelFacts
 from .handle import EngineHandle, EngineLost
+from .models import ModelSet
 
 logger = logging.getLogger("latentcast.engine")
 
@@ -86,6 +92,8 @@ class _Running:
     job: Job
     group: GroupKey
     rows: int
+    #: The model's name (None: the engine's one model).
+    model: str | None = None
     #: The engine prepared it (JobStarted): from then on, losing the engine loses it.
     started: bool = False
 
@@ -100,14 +108,16 @@ class EngineWorker:
         encoder: Executor,
         metrics: Metrics,
         peers: Callable[[], Iterable[EngineWorker]] = tuple,
+        models: ModelSet | None = None,
     ) -> None:
-        """``peers``: every engine's worker (this one included), for job placement."""
+        """``peers``: every engine's worker (this one included), for job placement;
+        ``models``: the embedded engine's models (None: the engine's one model)."""
         self._engine = engine
+        self._models = models
         self._peers = peers
         self._scheduler = scheduler
         self._encoder = encoder
         self._metrics = metrics
-        self._latent_rgb: LatentRGB | None = engine.facts.latent_rgb
         self._keys = itertools.count()
         self._running: dict[int, _Running] = {}
         self._finishing: set[asyncio.Task[None]] = set()
@@ -167,15 +177,36 @@ class EngineWorker:
             self._dispatch(report.events)
 
     async def _wait_for_work(self) -> None:
-        """Until a job waits; an idle engine is checked every HEALTH_INTERVAL meanwhile,
-        so that /ready and /metrics know of an engine that died while idle."""
+        """Until a job waits that can start (its model is loaded); an idle engine is
+        checked every HEALTH_INTERVAL meanwhile, so that /ready and /metrics know of an
+        engine that died while idle."""
         while True:
             try:
                 async with asyncio.timeout(HEALTH_INTERVAL):
-                    await self._scheduler.wait_for_waiting()
-                return
+                    if self._models is None:
+                        await self._scheduler.wait_for_waiting()
+                        return
+                    while not self._startable_waiting():
+                        await self._scheduler.wait_for_change()
+                    return
             except TimeoutError:
                 await self._engine.ping()
+
+    def _startable_waiting(self) -> bool:
+        """Whether a waiting job's model is loaded; the others' models are asked for."""
+        models = self._models
+        assert models is not None
+        for job in self._scheduler.waiting_in_order():
+            name = models.name_of(job.request)
+            if models.admits(name):
+                return True
+            models.want(name, job)
+        return False
+
+    def _facts_of(self, model: str | None) -> ModelFacts:
+        if self._models is None or model is None:
+            return self._engine.facts
+        return self._models.facts_of(model)
 
     def _lost(self, lost: EngineLost) -> None:
         """The engine's process is gone: its jobs that had started end with
@@ -184,6 +215,8 @@ class EngineWorker:
         self._metrics.engine_alive.labels(engine=self._name).set(0)
         running = sorted(self._running.values(), key=lambda run: run.job.seq)
         self._running.clear()
+        for run in running:
+            self._left(run)
         self._running_changed(-len(running))
         logger.error(
             "%s: %d running jobs lost; waiting for the engine to come back",
@@ -218,7 +251,13 @@ class EngineWorker:
         running group it can join (it takes it at that engine's next step boundary): a
         shared UNet call instead of one more group taking turns here. An idle engine
         takes any job at once.
+
+        With several models, a job whose model is not loaded is passed over (its model is
+        asked for, :meth:`ModelSet.want`): it does not hold up the jobs behind it for
+        loaded models, which are admitted in the same order among themselves.
         """
+        if self._models is not None:
+            return self._admit_of_models(self._models)
         facts = self._engine.facts
         policy = self._engine.policy
         groups = self.groups()
@@ -230,19 +269,52 @@ class EngineWorker:
             if self._running and group not in groups and self._joinable_elsewhere(group, rows):
                 break
             self._scheduler.start_next()
-            groups[group] += rows
-            key = next(self._keys)
-            self._running[key] = _Running(job, group, rows)
-            logger.info(
-                "session=%s job=%s started (%d rows, %d jobs in the engine)",
-                job.session_id,
-                job.id,
-                rows,
-                len(self._running),
-            )
-            specs.append(JobSpec(key, job.request))
+            specs.append(self._join(job, group, rows, None, groups))
         self._running_changed(len(specs))
         return specs
+
+    def _admit_of_models(self, models: ModelSet) -> list[JobSpec]:
+        policy = self._engine.policy
+        groups = self.groups()
+        specs = []
+        for job in self._scheduler.waiting_in_order():
+            name = models.name_of(job.request)
+            if not models.admits(name):
+                models.want(name, job)
+                continue
+            facts = models.facts_of(name)
+            # Jobs of two models never share a UNet call: the model is part of the group.
+            group = replace(facts.group_key(job.request), model=name)
+            rows = facts.job_rows(job.request)
+            if not policy.admits(groups, group, rows):
+                break
+            self._scheduler.start(job)
+            models.acquire(name)
+            specs.append(self._join(job, group, rows, name, groups))
+        self._running_changed(len(specs))
+        return specs
+
+    def _join(
+        self, job: Job, group: GroupKey, rows: int, model: str | None, groups: Counter[GroupKey]
+    ) -> JobSpec:
+        """``job`` (started in the scheduler) joins this engine."""
+        groups[group] += rows
+        key = next(self._keys)
+        self._running[key] = _Running(job, group, rows, model)
+        logger.info(
+            "session=%s job=%s started (%d rows, %d jobs in the engine%s)",
+            job.session_id,
+            job.id,
+            rows,
+            len(self._running),
+            "" if model is None else f", model {model!r}",
+        )
+        return JobSpec(key, job.request)
+
+    def _left(self, run: _Running) -> None:
+        """``run`` left the engine: its model may be idle now."""
+        if self._models is not None and run.model is not None:
+            self._models.release(run.model)
 
     def groups(self) -> Counter[GroupKey]:
         """Rows of each group running on this engine now."""
@@ -277,6 +349,7 @@ class EngineWorker:
                 self._started(job, event)
             else:
                 del self._running[event.key]  # type: ignore[arg-type]
+                self._left(run)
                 self._running_changed(-1)
                 if isinstance(event, JobFinished):
                     self._finished(job, event)
@@ -335,9 +408,10 @@ class EngineWorker:
         if latent.rgb is not None:
             data, width, height = encode_preview(latent.rgb, preview.format, max_side)
         else:
-            assert self._latent_rgb is not None, "image previews were checked at submit"
+            latent_rgb: LatentRGB | None = self._facts_of(job.request.model).latent_rgb
+            assert latent_rgb is not None, "image previews were checked at submit"
             data, width, height = rgb_preview(
-                latent.array().astype(np.float32), self._latent_rgb, preview.format, max_side
+                latent.array().astype(np.float32), latent_rgb, preview.format, max_side
             )
         return ImagePreview(
             id=job.id, step=step, format=preview.format, width=width, height=height, data=data

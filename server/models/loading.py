@@ -43,6 +43,7 @@ _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 def load_model(
     spec: str,
     *,
+    name: str | None = None,
     device: str = "auto",
     dtype: str | None = None,
     cache_dir: Path | None = None,
@@ -69,6 +70,8 @@ def load_model(
     * otherwise a Hugging Face Hub model id (honours ``HF_HUB_OFFLINE`` /
       ``TRANSFORMERS_OFFLINE`` read at call time: offline means the local HF cache only).
 
+    ``name`` is the model's name (``--model NAME=SPEC``); by default ``spec`` itself.
+
     ``dtype`` is ``"float16"``, ``"bfloat16"``, ``"float32"`` or ``None`` for
     :func:`default_dtype` of the device. The pipeline is moved to the device, its
     progress bar disabled and its safety checker removed; the pipelines of the other
@@ -91,6 +94,7 @@ def load_model(
     with _without_torchvision_notice():
         return _load_model(
             spec,
+            name=spec if name is None else name,
             device=device,
             dtype=dtype,
             cache_dir=cache_dir,
@@ -105,6 +109,7 @@ def load_model(
 def _load_model(
     spec: str,
     *,
+    name: str,
     device: str,
     dtype: str | None,
     cache_dir: Path | None,
@@ -151,7 +156,7 @@ def _load_model(
         pipeline.safety_checker = None
     pipeline.set_progress_bar_config(disable=True)
     return _describe(
-        spec,
+        name,
         pipeline,
         torch_device,
         torch_dtype,

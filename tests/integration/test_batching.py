@@ -588,10 +588,15 @@ class TorchCalls:
 
     def _hook(self, frame: Any, event: str, arg: Any) -> None:
         thread = threading.current_thread()
-        if thread.name == "latentcast-engine":
+        if thread.name in TORCH_THREADS:
             sys.setprofile(None)  # where torch belongs: stop watching this thread
         elif event == "c_call" and _is_torch(arg):
             self._calls.append((thread, getattr(arg, "__qualname__", repr(arg))))
+
+
+#: The threads that run torch: the engine's, and the model loader's (one torch thread,
+#: set before anything else it runs: server/engine/models.py).
+TORCH_THREADS = ("latentcast-engine", "latentcast-loader")
 
 
 def _is_torch(function: Any) -> bool:
@@ -607,16 +612,46 @@ def _is_torch(function: Any) -> bool:
 async def test_no_thread_but_the_engines_runs_torch(model_cache: Path) -> None:
     """From start to a finished job with latent and image previews, torch runs only on the
     engine thread (the event loop's thread and the encoder pool never call it)."""
-    from latentcast.server.app import Server
     from latentcast.server.config import ServerConfig
 
     config = ServerConfig(port=0, cache_dir=model_cache, model="tiny", cpu_threads=1)
+    await _run_latent_and_image_jobs(config)
+
+
+async def test_with_several_models_torch_runs_only_on_the_engine_and_loader_threads(
+    model_cache: Path,
+) -> None:
+    """The same with two models and one loaded at a time: each job loads its model (on
+    the loader thread, with one torch thread) after unloading the other."""
+    from latentcast.server.config import ServerConfig
+
+    config = ServerConfig(
+        port=0,
+        cache_dir=model_cache,
+        model=("sd=tiny", "xl=tiny-sdxl"),
+        max_resident_models=1,
+        cpu_threads=1,
+    )
+    threads = await _run_latent_and_image_jobs(config, models=("xl", "sd"))
+    assert threads == 1, "the loader thread runs torch on one thread"
+
+
+async def _run_latent_and_image_jobs(
+    config: Any, models: tuple[str | None, str | None] = (None, None)
+) -> int | None:
+    """Run a latent-preview and an image-preview job, watching torch; the loader
+    thread's torch thread count (None when it never ran)."""
+    from latentcast.server.app import Server
+
+    loader_threads = None
     with TorchCalls() as watch:
         async with Server(config) as server:
             await server.wait_ready()
             client = await open_client(server.ws_url)
             for k, kind in enumerate(["latent", "image"]):
-                fields = {"steps": 3, "seed": k}
+                fields: dict[str, Any] = {"steps": 3, "seed": k}
+                if models[k] is not None:
+                    fields["model"] = models[k]
                 message = {**submit_message(f"j{k}", fields), "preview": {"kind": kind}}
                 await client.send(message)
                 messages = await client.job_messages(f"j{k}")
@@ -624,4 +659,7 @@ async def test_no_thread_but_the_engines_runs_torch(model_cache: Path) -> None:
                 assert any(m.type == "preview" for m in messages), f"no {kind} preview"
             await client.close()
             calls = watch.calls
+            if server.models is not None and len(server.models.names) > 1:
+                loader_threads = await server.models.loader_thread.call(torch.get_num_threads)
     assert calls == [], f"torch called off the engine thread: {calls[:10]}"
+    return loader_threads

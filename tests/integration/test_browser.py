@@ -490,3 +490,31 @@ async def test_a_reloaded_page_resumes_its_session_and_gets_its_job(start_server
         assert done["text"].startswith("Done: 128×128")
         # (A complete that came before the reload comes again: the page resumes after 0.)
         assert frames.received_for(running["job"], "complete")
+
+
+@needs_chromium
+async def test_the_model_selector_sends_the_chosen_model(start_server) -> None:
+    """Feature "models": the page offers every model and its job runs on the chosen one,
+    with that model's schedulers; a server of one model hides the selector."""
+    frames = Frames()
+    async with (
+        start_server(model=("sd=tiny", "xl=tiny-sdxl"), max_resident_models=1) as server,
+        chromium() as browser,
+        open_page(browser, server.http_url + "/", frames) as page,
+    ):
+        await page.wait_for_selector("body[data-conn=open]")
+        assert await page.is_visible("#model-field")
+        options = await page.eval_on_selector_all("#model option", "os => os.map(o => o.value)")
+        assert options == ["sd", "xl"]
+        await page.select_option("#model", "xl")
+        await set_fields(page, prompt="a red fox", steps="2", seed="3")
+        await page.click("#generate")
+        submit = await frames.wait_for_submit(lambda frame: True)
+        assert submit["params"]["model"] == "xl"
+        done = await wait_for(page, "s.state === 'complete' && s.job === a", submit["id"])
+        assert done["text"].startswith("Done: 64×64, seed 3")
+        loading = [m for m in frames.received_for(submit["id"], "queued") if m.get("loading")]
+        assert loading, "xl was not loaded: its job waited for the load"
+    frames = Frames()
+    async with connected_page(start_server, frames) as page:
+        assert not await page.is_visible("#model-field")

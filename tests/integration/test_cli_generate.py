@@ -16,10 +16,10 @@ from PIL import Image
 
 from latentcast.client import connect
 from latentcast.client.cli import CANCEL_GRACE
-from latentcast.server import app as server_app
 from latentcast.server.app import Server
 from latentcast.server.config import ServerConfig
 from latentcast.server.engine import EngineCore, JobStepped, StepReport
+from latentcast.server.engine import models as engine_models
 
 TIMEOUT = 60.0
 LONG = 150  # steps (the default max_steps)
@@ -206,13 +206,13 @@ async def test_a_loading_server_is_waited_for(
     model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     release = threading.Event()
-    real_load = server_app.load_model
+    real_load = engine_models.load_model
 
     def slow_load(*args: Any, **kwargs: Any) -> Any:
         release.wait(TIMEOUT)
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(server_app, "load_model", slow_load)
+    monkeypatch.setattr(engine_models, "load_model", slow_load)  # where the server loads
     out = tmp_path / "x.png"
     try:
         async with Server(ServerConfig(port=0, cache_dir=model_cache)) as server:
@@ -362,3 +362,34 @@ async def test_generate_with_controls(start_server, tmp_path: Path) -> None:
         )
         assert code == 1 and stdout == "" and stderr.count("\n") == 1
         assert "params.controls.0.name" in stderr and "--control" in stderr
+
+
+async def test_generate_on_a_named_model(start_server, tmp_path: Path) -> None:
+    async with start_server(model=("sd=tiny", "xl=tiny-sdxl")) as server:
+        outs = {}
+        for name in ("sd", "xl"):
+            outs[name] = tmp_path / f"{name}.png"
+            previews = tmp_path / f"previews-{name}"
+            code, _, stderr = await _cli(
+                "a fox",
+                "-o",
+                str(outs[name]),
+                "--url",
+                server.ws_url,
+                "--model",
+                name,
+                "--steps",
+                "2",
+                "--seed",
+                "1",
+                "--preview-dir",
+                str(previews),
+                "-q",
+            )
+            assert code == 0, stderr
+            assert any(previews.iterdir())
+        assert outs["sd"].read_bytes() != outs["xl"].read_bytes()
+        code, _, stderr = await _cli(
+            "a fox", "-o", str(tmp_path / "x.png"), "--url", server.ws_url, "--model", "nope"
+        )
+        assert code == 1 and "--model" in stderr and "nope" in stderr

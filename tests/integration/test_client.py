@@ -235,3 +235,30 @@ async def test_the_sync_generate_helper(start_server) -> None:
             await asyncio.to_thread(generate, server.ws_url, "x", steps=0)
         with pytest.raises(RuntimeError, match="own event loop"):
             generate(server.ws_url, "inside a loop")
+
+
+async def test_jobs_choose_a_model_by_name(start_server) -> None:
+    """Feature "models": submit(model=...), model_info, the chosen model's previews."""
+    async with start_server(model=("sd=tiny", "xl=tiny-sdxl")) as server:
+        async with connect(server.ws_url) as client:
+            assert "models" in client.welcome.features
+            assert client.model_info().name == "sd" and client.model_info("xl").family == "sdxl"
+            with pytest.raises(KeyError, match="nope"):
+                client.model_info("nope")
+            job = await client.submit("a fox", model="xl", steps=2, seed=3, preview="latent")
+            previews = []
+            async with asyncio.timeout(TIMEOUT):
+                async for event in job:
+                    if isinstance(event, LatentPreview):
+                        previews.append(event)
+            xl = await job.result()
+            assert previews and client.preview_to_pil(previews[0], "xl").size == (8, 8)
+            sd = await (await client.submit("a fox", model="sd", steps=2, seed=3)).result()
+            assert xl.images[0].data != sd.images[0].data
+            with pytest.raises(RequestRejected) as unknown:
+                await client.submit("x", model="nope")
+            assert (unknown.value.field, unknown.value.local) == ("params.model", True)
+        again = await asyncio.to_thread(
+            generate, server.ws_url, "a fox", model="xl", steps=2, seed=3
+        )
+        assert again.images[0].data == xl.images[0].data

@@ -146,7 +146,9 @@ async def test_a_dead_engine_loop_is_fatal_and_said_to_everyone_at_once(
         def broken(self):
             raise RuntimeError("simulated engine loop bug")
 
-        monkeypatch.setattr(Scheduler, "peek_next", broken)
+        # The embedded engine's loop reads the waiting jobs in order (models.py: a job
+        # whose model is not loaded lets the next one pass).
+        monkeypatch.setattr(Scheduler, "waiting_in_order", broken)
         await client.send({"type": "cancel", "id": "running"})  # the loop looks for the next job
         messages = await client.recv_until(lambda m: is_terminal(m, "waiting"))
         error = messages[-1]

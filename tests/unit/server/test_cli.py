@@ -77,7 +77,7 @@ def test_defaults_match_the_protocol() -> None:
     assert config == ServerConfig()
     assert config.host == "127.0.0.1"
     assert config.port == 8765
-    assert config.model == "tiny"
+    assert config.model == ("tiny",)
     assert config.device == "auto"
     assert config.max_queue == 64
     assert config.max_connections == 1000
@@ -120,7 +120,7 @@ def test_environment_is_read() -> None:
     )
     assert config.host == "0.0.0.0"
     assert config.port == 9000
-    assert config.model == "/models/sd15"
+    assert config.model == ("/models/sd15",)
     assert config.device == "cpu"
     assert config.max_queue == 5
     assert config.max_connections == 7
@@ -185,7 +185,7 @@ def test_command_line_options() -> None:
     )
     assert config.host == "::1"
     assert config.port == 0
-    assert config.model == "runwayml/stable-diffusion-v1-5"
+    assert config.model == ("runwayml/stable-diffusion-v1-5",)
     assert config.device == "cuda:1"
     assert config.tokens == ("t1", "t2")
     assert config.allow_origins == ("https://a.example", "http://b.example:8080")
@@ -439,7 +439,8 @@ def test_serve_help_lists_the_builtin_models_and_readable_metavars(
     for usage in (
         "--host HOST",
         "--port PORT",
-        "--model NAME|PATH",
+        "--model [NAME=]SPEC",
+        "--max-resident-models N",
         "--model-config DIR",
         "--lora NAME=PATH",
         "--controlnet NAME=PATH",
@@ -473,7 +474,7 @@ def test_every_protocol_option_exists() -> None:
     flags = {option.flag for option in SERVE_OPTIONS}
     assert set(PROTOCOL_OPTIONS) <= flags
     repeatable = {option.flag for option in SERVE_OPTIONS if option.repeatable}
-    assert repeatable == {"--token", "--allow-origin", "--lora", "--controlnet"}
+    assert repeatable == {"--token", "--allow-origin", "--lora", "--controlnet", "--model"}
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -599,3 +600,84 @@ def test_resume_window_from_the_command_line_and_the_environment(
     assert configure().resume_window == 30.0
     assert configure(["--resume-window", "2.5"]).resume_window == 2.5
     assert configure([], {"LATENTCAST_RESUME_WINDOW": "7"}).resume_window == 7.0
+
+
+# --------------------------------------------------------------------------- several models
+
+
+def test_one_bare_model_is_named_by_its_spec() -> None:
+    from latentcast.server.config import ModelSpec
+
+    config = configure(["--model", "/models/sd15"])
+    assert config.models == (ModelSpec("/models/sd15", "/models/sd15"),)
+    assert config.default_model.name == "/models/sd15"
+    assert config.resident_models == 1
+    assert ServerConfig(model="tiny").model == ("tiny",), "a single string is one model"
+
+
+def test_model_is_repeatable_as_name_equals_spec_the_first_the_default() -> None:
+    from latentcast.server.config import ModelSpec
+
+    config = configure(["--model", "sd=tiny", "--model", "xl=tiny-sdxl", "--model", "org/x"])
+    assert config.models == (
+        ModelSpec("sd", "tiny"),
+        ModelSpec("xl", "tiny-sdxl"),
+        ModelSpec("org/x", "org/x"),
+    )
+    assert config.default_model == ModelSpec("sd", "tiny")
+    assert config.resident_models == 3, "by default every model stays loaded"
+
+
+def test_a_part_before_equals_that_is_no_name_leaves_the_spec_whole() -> None:
+    from latentcast.server.config import ModelSpec
+
+    assert ModelSpec.parse("/data/a=b/model") == ModelSpec("/data/a=b/model", "/data/a=b/model")
+    assert ModelSpec.parse("xl=/data/a=b") == ModelSpec("xl", "/data/a=b")
+
+
+def test_models_come_comma_separated_from_the_environment() -> None:
+    config = configure(
+        environ={"LATENTCAST_MODEL": "a=tiny, b=tiny-sdxl", "LATENTCAST_MAX_RESIDENT_MODELS": "1"}
+    )
+    assert [model.name for model in config.models] == ["a", "b"]
+    assert config.max_resident_models == 1
+    assert config.resident_models == 1
+
+
+def test_max_resident_models_is_at_most_the_number_of_models() -> None:
+    config = configure(["--model", "a=tiny", "--max-resident-models", "5"])
+    assert config.resident_models == 1
+    with pytest.raises(ValidationError):
+        configure(["--max-resident-models", "0"])
+
+
+def test_model_names_must_be_unique(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ValidationError, match="given twice"):
+        configure(["--model", "a=tiny", "--model", "a=tiny-sdxl"])
+    with pytest.raises(ValidationError, match="given twice"):
+        configure(["--model", "tiny", "--model", "tiny"])
+    err = run_main_error(["serve", "--model", "a=tiny", "--model", "a=tiny-sdxl"], capsys)
+    assert "--model" in err and "'a' is given twice" in err
+
+
+def test_ray_engines_with_several_models_are_a_configuration_error(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ValidationError, match="serve one model"):
+        configure(["--model", "a=tiny", "--model", "b=tiny-sdxl", "--engines", "2"])
+    with pytest.raises(ValidationError, match="serve one model"):
+        configure(["--model", "a=tiny", "--model", "b=tiny-sdxl", "--ray-address", "auto"])
+    assert configure(["--model", "a=tiny", "--engines", "2"]).ray_engines == 2
+    err = run_main_error(
+        ["serve", "--model", "a=tiny", "--model", "b=tiny-sdxl", "--engines", "2"], capsys
+    )
+    assert "serve one model" in err and "Traceback" not in err
+
+
+def test_only_the_default_model_gets_loras_and_the_preview_decoder(tmp_path: Path) -> None:
+    config = configure(["--model", "a=tiny", "--model", "b=tiny-sdxl", "--lora", f"ink={tmp_path}"])
+    assert config.model_arguments("a")["loras"] == {"ink": tmp_path}
+    assert config.model_arguments() == config.model_arguments("a")
+    assert "loras" not in config.model_arguments("b")

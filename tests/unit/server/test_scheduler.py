@@ -175,6 +175,18 @@ def test_forget_drops_history_only_when_nothing_waits() -> None:
     queue.forget("nobody")  # unknown sessions are fine
 
 
+def test_take_starts_an_item_that_is_not_next_and_counts_as_its_sessions_turn() -> None:
+    queue: FairQueue[str] = FairQueue()
+    for session, item in (("A", "a1"), ("A", "a2"), ("B", "b1"), ("C", "c1")):
+        queue.push(item, session)
+    queue.take("a2")  # a1 waits (for its model, say)
+    assert "a2" not in queue
+    # A has had a start now: the never-started sessions go first, then A's a1.
+    assert queue.order() == ["b1", "c1", "a1"]
+    with pytest.raises(KeyError):
+        queue.take("a2")
+
+
 def test_duplicate_push_raises() -> None:
     queue: FairQueue[str] = FairQueue()
     queue.push("x", "A")
@@ -874,3 +886,57 @@ async def test_the_event_loop_is_the_default_clock() -> None:
     scheduler.shutdown()
     await asyncio.sleep(QUEUED_MIN_INTERVAL * 1.5)
     assert queued(owner) == []
+
+
+# =========================================================================== models
+
+
+async def test_start_takes_a_job_past_those_before_it(setup: Setup) -> None:
+    a1 = setup.submit("A", "a1")
+    a2 = setup.submit("A", "a2")
+    assert setup.scheduler.waiting_in_order() == [a1, a2]
+    setup.owners["A"].take()
+    setup.scheduler.start(a2)
+    assert a2.state is JobState.RUNNING and a1.state is JobState.QUEUED
+    assert setup.scheduler.waiting_in_order() == [a1]
+    assert setup.owners["A"].take() == [], "a1 did not move"
+
+
+async def test_loading_is_said_at_once_and_carried_by_later_positions(setup: Setup) -> None:
+    a1 = setup.submit("A", "a1")
+    b1 = setup.submit("B", "b1")
+    setup.scheduler.set_loading(b1, True)
+    setup.scheduler.set_loading(b1, True)  # no news: nothing more
+    assert setup.owners["B"].take() == [Queued(id="b1", position=1, loading=True)]
+    setup.timers.advance(1.0)
+    setup.scheduler.stop(a1, StopReason.CLIENT)
+    assert setup.owners["B"].take() == [Queued(id="b1", position=0, loading=True)]
+    setup.scheduler.set_loading(b1, False)
+    assert setup.owners["B"].take() == [Queued(id="b1", position=0, loading=False)]
+    setup.scheduler.set_loading(a1, True)  # ended: not waiting, nothing said
+    assert setup.owners["A"].take() == [Cancelled(id="a1", step=0, reason="client")]
+
+
+async def test_end_waiting_ends_a_waiting_job_with_the_message(setup: Setup) -> None:
+    a1 = setup.submit("A", "a1")
+    a2 = setup.submit("A", "a2")
+    setup.owners["A"].take()
+    failed = Error(id="a1", code="generation_failed", message="model x could not be loaded")
+    setup.scheduler.end_waiting(a1, failed)
+    assert a1.state is JobState.ENDED
+    assert setup.owners["A"].take() == [failed, Queued(id="a2", position=0)]
+    setup.scheduler.end_waiting(a1, failed)  # no longer waiting: nothing
+    assert setup.owners["A"].take() == []
+    assert setup.scheduler.waiting_in_order() == [a2]
+
+
+async def test_wait_for_change_returns_on_a_submit_or_a_wake(setup: Setup) -> None:
+    waiter = asyncio.ensure_future(setup.scheduler.wait_for_change())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    setup.scheduler.wake()
+    await asyncio.wait_for(waiter, 1)
+    waiter = asyncio.ensure_future(setup.scheduler.wait_for_change())
+    await asyncio.sleep(0)
+    setup.submit("A", "a1")
+    await asyncio.wait_for(waiter, 1)
