@@ -304,3 +304,36 @@ async def test_a_job_waiting_for_its_model_at_the_drain_deadline_ends_with_shutd
             assert isinstance(end, Error) and end.code == "shutdown", end
         about = [m for m in client.received if getattr(m, "id", None) == "xl1"]
         assert [m for m in about if is_terminal(m)] == [end], "one terminal message"
+
+
+async def test_each_model_is_offered_the_controlnets_of_its_family(
+    start_server, tmp_path: Path
+) -> None:
+    """--controlnet with several models: each ControlNet on the models of its family only,
+    loaded again with its model after an unload (--max-resident-models 1)."""
+    from tests.fixtures.controlnets import build_tiny_controlnet
+    from tests.integration.test_controls import control
+
+    sd1 = build_tiny_controlnet(tmp_path / "sd1")
+    sdxl = build_tiny_controlnet(tmp_path / "sdxl", sdxl=True)
+    async with start_server(
+        model=TWO_MODELS,
+        controlnets=(f"scribble={sd1}", f"lines={sdxl}"),
+        max_resident_models=1,
+    ) as server:
+        client = await open_client(server.ws_url)
+        welcome = client.welcome
+        assert "controls" in welcome.features and welcome.limits.max_controls == 3
+        sd, xl = welcome.models
+        assert (sd.controlnets, xl.controlnets) == (["scribble"], ["lines"])
+        error = await rejection(client, "wrong", model="xl", controls=[control()])
+        assert (error.code, error.field) == ("invalid_request", "params.controls.0.name")
+        assert "lines" in error.message
+        for job_id, model, name in (("xl", "xl", "lines"), ("sd", "sd", "scribble")):
+            steered = await run(client, job_id, model=model, controls=[control(name=name)], **JOB)
+            plain = (await run(client, f"{job_id}-plain", model=model, **JOB))[-1]
+            assert isinstance(steered[-1], Complete), steered[-1]
+            assert isinstance(plain, Complete), plain
+            assert steered[-1].images[0].data != plain.images[0].data, f"{name} did nothing"
+        assert model_metric(server, "latentcast_model_loads_total", "sd") == 2, "sd came back"
+        await client.close()
