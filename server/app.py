@@ -348,10 +348,16 @@ class Server:
             config.default_model.name,
             gpus or "no",
         )
-        starts = [
-            asyncio.create_task(RayEngine.start(f"ray-{index}", config, gpus=gpus))
-            for index in range(count)
-        ]
+
+        async def start_engine(name: str) -> RayEngine:
+            try:
+                return await RayEngine.start(name, config, gpus=gpus)
+            except Exception:
+                # Left out for good (its actor is ended): /metrics says it is not alive.
+                self.metrics.engine_alive.labels(engine=name).set(0)
+                raise
+
+        starts = [asyncio.create_task(start_engine(f"ray-{index}")) for index in range(count)]
         errors: list[Exception] = []
         try:
             for started in asyncio.as_completed(starts):

@@ -30,7 +30,8 @@ class Metrics:
         # Per engine ("local" for the embedded one, "ray-0", ... for Ray actors).
         self.engine_alive = Gauge(
             "latentcast_engine_alive",
-            "1 while the engine answers, 0 while it is lost (being restarted).",
+            "1 while the engine answers, 0 while it is lost (being restarted) or could not load "
+            "the model at start (left out for good).",
             ["engine"],
             registry=self.registry,
         )
