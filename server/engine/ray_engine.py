@@ -163,13 +163,22 @@ class RayEngine:
         self.pid = await _call(self.name, self._actor.ping.remote())
 
     async def recover(self) -> None:
-        """Until the actor answers again (Ray restarts it, and it reloads the model)."""
+        """Until the actor answers again (Ray restarts it, and it reloads the model).
+
+        Each new reason it does not answer is logged once: a restarted actor that could
+        not load the model says why, and then stays quiet (Ray does not restart an actor
+        whose constructor raised: it stays lost).
+        """
+        said = ""
         while True:
             try:
                 _facts, _max_batch, self.pid = await _call(self.name, self._actor.describe.remote())
                 logger.info("engine %s is back (pid %d)", self.name, self.pid)
                 return
-            except EngineLost:
+            except EngineLost as lost:
+                if lost.why != said:
+                    logger.warning("engine %s is not back: %s", self.name, lost.why)
+                    said = lost.why
                 await asyncio.sleep(RECOVER_POLL_SECONDS)
 
     def kill(self) -> None:

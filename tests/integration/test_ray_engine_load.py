@@ -11,7 +11,9 @@ and the one on the worker node cannot load. What must hold:
 * the server is ready once the head's engine has loaded, and clients' jobs complete on it;
 * the other engine is left out: ``/metrics`` says it is not alive, the log says why (the
   model is not in that node's Hugging Face cache), the start is not a failed one;
-* its actor is ended, not restarted over and over by Ray (``max_restarts=-1``).
+* its actor is ended, not restarted over and over by Ray (``max_restarts=-1``);
+* an engine that loaded, lost, and restarted where the model is gone says why once, stays
+  lost (not restarted in a loop) and ``/ready`` says ``no engines``.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import shutil
-from collections.abc import Iterator
+import signal
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -92,9 +97,12 @@ def _engine_actor_homes() -> list[str]:
     return homes
 
 
-async def test_an_engine_that_cannot_load_is_left_out_and_the_other_serves(
-    half_cached_cluster: HalfCachedCluster, model_cache: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+@asynccontextmanager
+async def half_served(
+    cluster: HalfCachedCluster, model_cache: Path, caplog: pytest.LogCaptureFixture
+) -> AsyncIterator[tuple[Any, Any, str]]:
+    """A server with two engines on ``cluster``, once the one on the worker node has
+    failed: (the server, the worker of the engine that loaded, the other engine's name)."""
     from latentcast.server.app import Server
     from latentcast.server.config import ServerConfig
 
@@ -103,7 +111,7 @@ async def test_an_engine_that_cannot_load_is_left_out_and_the_other_serves(
         port=0,
         cache_dir=model_cache,
         cpu_threads=1,
-        ray_address=half_cached_cluster.address,
+        ray_address=cluster.address,
         engines=2,
         model=HUB_ID,
     )
@@ -111,10 +119,21 @@ async def test_an_engine_that_cannot_load_is_left_out_and_the_other_serves(
         async with asyncio.timeout(120):
             await server.wait_ready()
         await wait_for(lambda: "an engine could not start" in caplog.text, timeout=120)
-        assert server.load_error is None, "one engine loaded: not a failed start"
         (worker,) = server.workers
         (lost,) = {"ray-0", "ray-1"} - {worker.engine.name}
-        failures = [r.getMessage() for r in caplog.records if "could not start" in r.getMessage()]
+        yield server, worker, lost
+
+
+def _messages(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [record.getMessage() for record in caplog.records if text in record.getMessage()]
+
+
+async def test_an_engine_that_cannot_load_is_left_out_and_the_other_serves(
+    half_cached_cluster: HalfCachedCluster, model_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with half_served(half_cached_cluster, model_cache, caplog) as (server, worker, lost):
+        assert server.load_error is None, "one engine loaded: not a failed start"
+        failures = _messages(caplog, "could not start")
         assert len(failures) == 1, failures
         assert f"engine {lost} could not start" in failures[0]
         assert "not in the local Hugging Face cache" in failures[0], failures[0]
@@ -136,3 +155,37 @@ async def test_an_engine_that_cannot_load_is_left_out_and_the_other_serves(
         worker_home = str(half_cached_cluster.worker_home)
         await wait_for(lambda: worker_home not in _engine_actor_homes(), timeout=30)
         assert str(half_cached_cluster.head_home) in _engine_actor_homes()
+
+
+async def test_an_engine_restarted_where_the_model_is_gone_says_why_once_and_stays_lost(
+    half_cached_cluster: HalfCachedCluster, model_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The head's cache loses the model after its engine loaded, then the engine dies: Ray
+    restarts the actor, whose load fails on whichever node it lands. The front end says
+    why once; the actor is not restarted again and again (Ray does not restart an actor
+    whose constructor raised), and ``/ready`` says there are no engines."""
+    cached = half_cached_cluster.head_home / "hub"
+    away = cached.with_name("hub-away")
+    async with half_served(half_cached_cluster, model_cache, caplog) as (server, worker, lost):
+        cached.rename(away)
+        try:
+            os.kill(worker.engine.pid, signal.SIGKILL)
+            name = worker.engine.name
+            said = f"engine {name} is not back"
+            await wait_for(
+                lambda: any("Hugging Face cache" in m for m in _messages(caplog, said)),
+                timeout=120,
+            )
+            status, body = await asyncio.to_thread(ready_status, server.http_url)
+            assert (status, body.get("reason")) == (503, "no engines"), (status, body)
+            assert metric(server, "latentcast_engine_alive", name) == 0
+            assert metric(server, "latentcast_engine_alive", lost) == 0
+            # Room for a restart loop to show: the front end keeps asking once a second.
+            await asyncio.sleep(3)
+            reasons = [m for m in _messages(caplog, said) if "Hugging Face cache" in m]
+            assert len(reasons) == 1, reasons
+            homes = {str(half_cached_cluster.head_home), str(half_cached_cluster.worker_home)}
+            assert not homes & set(_engine_actor_homes()), "not restarted again"
+            assert not worker.alive
+        finally:
+            away.rename(cached)
