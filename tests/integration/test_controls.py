@@ -29,7 +29,7 @@ from PIL import Image
 from latentcast.protocol import Complete
 from latentcast.server.images import prepare_controls
 from latentcast.server.previews import encode_image
-from tests.fixtures.controlnets import build_tiny_controlnet
+from tests.fixtures.controlnets import build_tiny_controlnets
 from tests.integration.test_batching import (
     request_for,
     run_alone,
@@ -74,11 +74,7 @@ def control(**fields: Any) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def controlnet_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny ControlNet for each family (built once for the module)."""
-    root = tmp_path_factory.mktemp("controlnets")
-    return {
-        "tiny": build_tiny_controlnet(root / "sd1"),
-        "tiny-sdxl": build_tiny_controlnet(root / "sdxl", sdxl=True),
-    }
+    return build_tiny_controlnets(tmp_path_factory.mktemp("controlnets"))
 
 
 def options(model_name: str, folders: dict[str, Path], **more: Any) -> dict[str, Any]:

@@ -311,14 +311,13 @@ async def test_each_model_is_offered_the_controlnets_of_its_family(
 ) -> None:
     """--controlnet with several models: each ControlNet on the models of its family only,
     loaded again with its model after an unload (--max-resident-models 1)."""
-    from tests.fixtures.controlnets import build_tiny_controlnet
+    from tests.fixtures.controlnets import build_tiny_controlnets
     from tests.integration.test_controls import control
 
-    sd1 = build_tiny_controlnet(tmp_path / "sd1")
-    sdxl = build_tiny_controlnet(tmp_path / "sdxl", sdxl=True)
+    folders = build_tiny_controlnets(tmp_path)
     async with start_server(
         model=TWO_MODELS,
-        controlnets=(f"scribble={sd1}", f"lines={sdxl}"),
+        controlnets=(f"scribble={folders['tiny']}", f"lines={folders['tiny-sdxl']}"),
         max_resident_models=1,
     ) as server:
         client = await open_client(server.ws_url)

@@ -11,16 +11,12 @@ import torch
 
 from latentcast.server.models import LoadedModel, ModelLoadError, load_model
 from latentcast.server.models.controlnets import MAX_CONTROLS_PER_JOB, ControlNetFamilyMismatch
-from tests.fixtures.controlnets import build_tiny_controlnet
+from tests.fixtures.controlnets import build_tiny_controlnets
 
 
 @pytest.fixture(scope="module")
 def controlnet_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("controlnets")
-    return {
-        "sd1": build_tiny_controlnet(root / "sd1"),
-        "sdxl": build_tiny_controlnet(root / "sdxl", sdxl=True),
-    }
+    return build_tiny_controlnets(tmp_path_factory.mktemp("controlnets"))
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +25,10 @@ def tiny_controlled(tiny_cache: Path, controlnet_folders: dict[str, Path]) -> Lo
         "tiny",
         device="cpu",
         cache_dir=tiny_cache,
-        controlnets={"scribble": controlnet_folders["sd1"], "edges.v1": controlnet_folders["sd1"]},
+        controlnets={
+            "scribble": controlnet_folders["tiny"],
+            "edges.v1": controlnet_folders["tiny"],
+        },
     )
 
 
@@ -62,14 +61,16 @@ def test_sdxl_takes_an_sdxl_controlnet(
         "tiny-sdxl",
         device="cpu",
         cache_dir=tiny_cache,
-        controlnets={"scribble": controlnet_folders["sdxl"]},
+        controlnets={"scribble": controlnet_folders["tiny-sdxl"]},
     )
     assert model.controlnets == ("scribble",)
     assert model.controlnet("scribble").config.addition_embed_type == "text_time"
 
 
 @pytest.mark.parametrize(
-    ("model", "other"), [("tiny", "sdxl"), ("tiny-sdxl", "sd1")], ids=["sd1-model", "sdxl-model"]
+    ("model", "other"),
+    [("tiny", "tiny-sdxl"), ("tiny-sdxl", "tiny")],
+    ids=["sd1-model", "sdxl-model"],
 )
 def test_a_controlnet_of_another_family_is_a_startup_error_naming_the_option(
     tiny_cache: Path, controlnet_folders: dict[str, Path], model: str, other: str
@@ -86,7 +87,10 @@ def test_a_controlnet_of_another_family_is_a_startup_error_naming_the_option(
 def test_a_server_of_several_families_may_skip_the_others_controlnets(
     tiny_cache: Path, controlnet_folders: dict[str, Path]
 ) -> None:
-    both = {"sd1-scribble": controlnet_folders["sd1"], "xl-scribble": controlnet_folders["sdxl"]}
+    both = {
+        "sd1-scribble": controlnet_folders["tiny"],
+        "xl-scribble": controlnet_folders["tiny-sdxl"],
+    }
     for model, kept in (("tiny", "sd1-scribble"), ("tiny-sdxl", "xl-scribble")):
         loaded = load_model(
             model, device="cpu", cache_dir=tiny_cache, controlnets=both, skip_other_families=True
@@ -120,7 +124,7 @@ def test_a_single_file_with_its_config_beside_it_loads_offline(
     that folder as the config, no hub."""
     folder = tmp_path / "single"
     folder.mkdir()
-    source = controlnet_folders["sd1"]
+    source = controlnet_folders["tiny"]
     shutil.copy(source / "config.json", folder / "config.json")
     weights = folder / "scribble.safetensors"
     shutil.copy(source / "diffusion_pytorch_model.safetensors", weights)
@@ -135,6 +139,6 @@ def test_a_single_file_without_its_config_says_what_to_do_offline(
     tmp_path: Path, tiny_cache: Path, controlnet_folders: dict[str, Path]
 ) -> None:
     weights = tmp_path / "scribble.safetensors"
-    shutil.copy(controlnet_folders["sd1"] / "diffusion_pytorch_model.safetensors", weights)
+    shutil.copy(controlnet_folders["tiny"] / "diffusion_pytorch_model.safetensors", weights)
     with pytest.raises(ModelLoadError, match=r"put the ControlNet's config\.json beside it"):
         load_model("tiny", device="cpu", cache_dir=tiny_cache, controlnets={"s": weights})
