@@ -38,7 +38,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from pydantic import BaseModel
 
-from latentcast.protocol import TERMINAL_ERROR_CODES, encode_message
+from latentcast.protocol import TERMINAL_ERROR_CODES, TERMINAL_TYPES, encode_message
 
 from .metrics import Metrics
 
@@ -79,7 +79,11 @@ class ResumeRequest:
 
     @classmethod
     def from_path(cls, path: str) -> ResumeRequest:
-        query = parse_qs(urlsplit(path).query, keep_blank_values=True)
+        return cls.from_query(urlsplit(path).query)
+
+    @classmethod
+    def from_query(cls, text: str) -> ResumeRequest:
+        query = parse_qs(text, keep_blank_values=True)
         token = query.get("resume", [None])[0]
         after_values = query.get("after")
         after: int | None = 0
@@ -200,9 +204,9 @@ class ReplayLog:
 
 def _is_terminal(message: BaseModel) -> bool:
     kind = getattr(message, "type", None)
-    if kind in ("complete", "cancelled"):
-        return True
-    return kind == "error" and getattr(message, "code", None) in TERMINAL_ERROR_CODES
+    if kind == "error":
+        return getattr(message, "code", None) in TERMINAL_ERROR_CODES
+    return kind in TERMINAL_TYPES
 
 
 # --------------------------------------------------------------------------- the registry

@@ -24,6 +24,7 @@ from websockets.http11 import Request, Response
 
 from .config import ServerConfig
 from .metrics import CONTENT_TYPE, Metrics
+from .resume import ResumeRequest
 
 logger = logging.getLogger("latentcast.transport")
 
@@ -109,8 +110,8 @@ class HttpFront:
         return None
 
     def _resumes_now(self, query: str) -> bool:
-        tokens = parse_qs(query).get("resume", [])
-        return self._can_resume is not None and bool(tokens) and self._can_resume(tokens[0])
+        token = ResumeRequest.from_query(query).token
+        return self._can_resume is not None and token is not None and self._can_resume(token)
 
     def _authorized(self, request: Request, query: str) -> bool:
         if not self._tokens:

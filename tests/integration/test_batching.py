@@ -254,7 +254,11 @@ def pipeline_pngs(model: Any, request: GenerationRequest) -> list[bytes]:
     pipeline = model.pipeline_for(request.mode)
     pipeline.scheduler = model.make_scheduler(request.scheduler)
     model.activate_loras(request.loras)
-    images = pipeline(**diffusers_arguments(request)).images
+    return as_sent(pipeline(**diffusers_arguments(request)).images, request)
+
+
+def as_sent(images: list[Any], request: GenerationRequest) -> list[bytes]:
+    """A pipeline's images as the server sends them: inpaint composited, as PNGs."""
     if request.mode == "inpaint":
         images = [composite(image, request.init_image, request.mask) for image in images]
     return [encode_image(image, "png") for image in images]

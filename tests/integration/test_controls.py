@@ -28,9 +28,9 @@ from PIL import Image
 
 from latentcast.protocol import Complete
 from latentcast.server.images import prepare_controls
-from latentcast.server.previews import encode_image
 from tests.fixtures.controlnets import build_tiny_controlnets
 from tests.integration.test_batching import (
+    as_sent,
     request_for,
     run_alone,
     submit_message,
@@ -233,7 +233,6 @@ def _controlnet_pipeline_pngs(model: Any, request: Any, job_control: Any) -> lis
     import diffusers
 
     from latentcast.server.engine import diffusers_arguments
-    from latentcast.server.images import composite
 
     xl = "XL" if model.family.name == "sdxl" else ""
     cls = getattr(diffusers, CONTROLNET_PIPELINES[request.mode].format(xl=xl))
@@ -252,9 +251,7 @@ def _controlnet_pipeline_pngs(model: Any, request: Any, job_control: Any) -> lis
         control_guidance_start=job_control.start,
         control_guidance_end=job_control.end,
     ).images
-    if request.mode == "inpaint":
-        images = [composite(image, request.init_image, request.mask) for image in images]
-    return [encode_image(image, "png") for image in images]
+    return as_sent(images, request)
 
 
 # ---------------------------------------------------------------------- batching
